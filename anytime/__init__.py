@@ -1,0 +1,1 @@
+"""Exit heads, step costs, schedules, the budgeted predictor, the evaluator and the HTTP app."""

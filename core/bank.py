@@ -1,0 +1,122 @@
+"""The SuperWeight bank: trainable templates + coefficients that generate every slot weight.
+
+DESIGN.md steps 4-6. One flat `bank` vector holds theta_b of every block (exactly `plan.budget`
+entries); one flat `coefficients` vector holds alpha_b (coefficient sets x templates) of every block.
+Generation is one matmul per block, then grid cells are assembled into slot weights; a slot whose
+shape fits inside an already assembled slot of the same coefficient set is a crop (a view), which is
+exactly the "no warping" property: a thin member's weight is the top-left block of a wide one's.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from .plan import Plan
+
+
+class SuperWeightBank(nn.Module):
+    def __init__(self, plan: Plan, generator: torch.Generator | None = None):
+        super().__init__()
+        self.plan = plan
+        self.bank = nn.Parameter(torch.empty(plan.budget))
+        self.coefficients = nn.Parameter(torch.empty(plan.coefficient_params))
+        # Fixed (not trained) per-slot gains: composed weight gets exactly He variance at init.
+        self.register_buffer("gains", torch.ones(len(plan.slots)))
+        self._build_index()
+        self.reset_parameters(generator)
+
+    # -- static index structures (pure python, computed once) --------------------------------
+    def _build_index(self) -> None:
+        plan = self.plan
+        self._row_of = [{c: r for r, c in enumerate(b.coef_sets)} for b in plan.blocks]
+        self._cells = [plan.slot_cells(i) for i in range(len(plan.slots))]
+        # Per coefficient set, largest slots first; a slot is cropped from an earlier one that contains it.
+        by_coef: dict[int, list[int]] = {}
+        for i, c in enumerate(plan.slot_coef):
+            by_coef.setdefault(c, []).append(i)
+        self._order: list[tuple[int, int | None]] = []  # (slot, source slot to crop from or None)
+        for ids in by_coef.values():
+            ids = sorted(ids, key=lambda i: (-plan.slots[i].numel, i))
+            built: list[int] = []
+            for i in ids:
+                o, n = plan.slots[i].shape[:2]
+                src = next((j for j in built if plan.slots[j].shape[0] >= o and plan.slots[j].shape[1] >= n), None)
+                self._order.append((i, src))
+                if src is None:
+                    built.append(i)
+
+    # -- generation --------------------------------------------------------------------------
+    def templates(self, block_id: int) -> Tensor:
+        """[K_b, size_b]: template k = cyclic window of theta_b starting at k * P_b / K_b."""
+        b = self.plan.blocks[block_id]
+        theta = self.bank[b.offset : b.offset + b.params]
+        starts = b.window_starts()
+        need = starts[-1] + b.size
+        if need > b.params:  # some window wraps around: extend theta cyclically (only what is read)
+            theta = theta.repeat(-(-need // b.params))[:need]
+        return torch.stack([theta[s : s + b.size] for s in starts])
+
+    def block_coefficients(self, block_id: int) -> Tensor:
+        b = self.plan.blocks[block_id]
+        n = len(b.coef_sets) * b.templates
+        return self.coefficients[b.coef_offset : b.coef_offset + n].view(len(b.coef_sets), b.templates)
+
+    def block_outputs(self) -> list[Tensor]:
+        """[coefficient sets of b, size_b] for every block: one matmul each."""
+        return [self.block_coefficients(b.id) @ self.templates(b.id) for b in self.plan.blocks]
+
+    def raw_weights(self) -> list[Tensor]:
+        """Slot weights before the fixed gain, in plan slot order."""
+        outputs = self.block_outputs()
+        plan = self.plan
+        raw: list[Tensor | None] = [None] * len(plan.slots)
+        for i, src in self._order:
+            shape = plan.slots[i].shape
+            if src is not None:
+                raw[i] = raw[src][: shape[0], : shape[1]]
+                continue
+            coef = plan.slot_coef[i]
+            bands = []
+            for row in self._cells[i]:
+                cells = [
+                    outputs[bid][self._row_of[bid][coef]].view(plan.blocks[bid].shape) for bid in row
+                ]
+                bands.append(cells[0] if len(cells) == 1 else torch.cat(cells, dim=1))
+            raw[i] = bands[0] if len(bands) == 1 else torch.cat(bands, dim=0)
+        return raw  # type: ignore[return-value]
+
+    def forward(self) -> list[Tensor]:
+        """Every slot weight, in plan slot order (one regeneration per training step)."""
+        return [w * self.gains[i] for i, w in enumerate(self.raw_weights())]
+
+    # -- initialisation ----------------------------------------------------------------------
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Templates ~ N(0,1); orthogonal unit-norm coefficient rows; He gains measured on the result."""
+        self.bank.normal_(0.0, 1.0, generator=generator)
+        for b in self.plan.blocks:
+            alpha = torch.empty(len(b.coef_sets), b.templates)
+            nn.init.orthogonal_(alpha, generator=generator)
+            alpha /= alpha.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            self.block_coefficients(b.id).copy_(alpha)
+        self.gains.fill_(1.0)
+        self.gains.copy_(self._he_gains(self.raw_weights()))
+
+    def _he_gains(self, raw: list[Tensor]) -> Tensor:
+        """target / realised std of the composed weight.
+
+        Measured, not derived: with tiled templates (P_b < size) a slot holds few distinct random
+        values, so its realised spread can be far from the expected one; measuring makes the init
+        exactly He at every budget. A constant weight (a single block with P_b = 1, only near the
+        minimum budget) has no spread to normalise; it keeps gain = target so slots still differ
+        through their coefficients instead of collapsing to +-target.
+        """
+        gains = []
+        for spec, w in zip(self.plan.slots, raw):
+            target = math.sqrt(2.0 / spec.fan_in)
+            spread = float(w.double().std(correction=0)) if w.numel() > 1 else 0.0
+            gains.append(target / spread if spread > 1e-12 else target)
+        return torch.tensor(gains, dtype=self.gains.dtype)

@@ -1,0 +1,3 @@
+"""Member architectures. Importing this package registers every one of them."""
+
+from . import wrn  # noqa: F401

@@ -1,0 +1,86 @@
+import math
+
+import pytest
+import torch
+
+from core.bank import SuperWeightBank
+from core.plan import build_plan, minimum_budget
+
+
+def make_bank(slots, budget, **kw):
+    return SuperWeightBank(build_plan(slots, budget, **kw), torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("budget", ["min", 0.01, 0.3, 1.0, 2.0])
+def test_every_bank_entry_gets_gradient(slots, budget):
+    bank = make_bank(slots, minimum_budget(slots) + 1 if budget == "min" else budget)
+    torch.manual_seed(1)
+    loss = sum((w * torch.randn_like(w)).sum() for w in bank())
+    loss.backward()
+    assert bank.bank.grad is not None
+    assert (bank.bank.grad != 0).all()
+    assert (bank.coefficients.grad != 0).all()
+
+
+def test_thin_slot_is_top_left_crop_of_wide_slot_bit_for_bit(slots):
+    bank = make_bank(slots, 0.4)
+    raw = bank.raw_weights()
+    weights = bank()
+    plan = bank.plan
+    pairs = 0
+    for i, s in enumerate(plan.slots):
+        for j, t in enumerate(plan.slots):
+            if s.member == 0 and t.member == 1 and plan.slot_coef[i] == plan.slot_coef[j]:
+                o, n = t.shape[:2]
+                assert torch.equal(raw[j], raw[i][:o, :n])
+                # the only difference between the two slot weights is each slot's fixed scalar He gain
+                assert torch.equal(weights[j], raw[i][:o, :n] * bank.gains[j])
+                assert torch.equal(weights[i], raw[i] * bank.gains[i])
+                pairs += 1
+    assert pairs == 6
+
+
+@pytest.mark.parametrize("budget", [0.005, 0.05, 0.5, 1.0, 2.0])
+def test_composed_weights_have_he_std(slots, budget):
+    bank = make_bank(slots, budget)
+    for spec, w in zip(bank.plan.slots, bank()):
+        if w.numel() >= 1000:
+            assert w.std().item() == pytest.approx(math.sqrt(2 / spec.fan_in), rel=0.10)
+
+
+def test_templates_are_standard_normal_and_coefficients_unit_norm(slots):
+    bank = make_bank(slots, 1.0)
+    assert bank.bank.std().item() == pytest.approx(1.0, rel=0.05)
+    for b in bank.plan.blocks:
+        norms = bank.block_coefficients(b.id).norm(dim=1)
+        assert torch.allclose(norms, torch.ones_like(norms), atol=1e-6)
+
+
+@pytest.mark.parametrize("budget", ["min", 0.01, 1.0])
+def test_no_two_slots_of_a_member_are_identical(slots, budget):
+    bank = make_bank(slots, minimum_budget(slots) + 3 if budget == "min" else budget)
+    weights = bank()
+    for m in (0, 1):
+        ids = bank.plan.member_slots(m)
+        for a in ids:
+            for b in ids:
+                if a < b and weights[a].shape == weights[b].shape:
+                    assert not torch.equal(weights[a], weights[b])
+
+
+def test_tiled_templates_are_cyclic_windows(slots):
+    plan = build_plan(slots, 0.05)
+    bank = SuperWeightBank(plan)
+    b = max(plan.blocks, key=lambda b: b.size)
+    assert b.params < b.size  # low budget: windows wrap (NPAS "repeat")
+    t = bank.templates(b.id)
+    theta = bank.bank[b.offset : b.offset + b.params]
+    for k, start in enumerate(b.window_starts()):
+        idx = (start + torch.arange(b.size)) % b.params
+        assert torch.equal(t[k], theta[idx])
+
+
+def test_same_seed_same_bank(slots):
+    a, b = make_bank(slots, 0.3), make_bank(slots, 0.3)
+    assert torch.equal(a.bank, b.bank) and torch.equal(a.coefficients, b.coefficients)
+    assert torch.equal(a.gains, b.gains)
