@@ -47,9 +47,11 @@ class StackedEnsemble(nn.Module):
     def normalize(self, x: Tensor) -> Tensor:
         return (x - self.mean) / self.std
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, members: list[int] | None = None) -> Tensor:
+        """Logits (B, M', C) of `members` (default all, M' = M), in the order given."""
         x = self.normalize(x)
-        return torch.stack([m(x) for m in self.members], dim=1)
+        ids = range(len(self.members)) if members is None else members
+        return torch.stack([self.members[i](x) for i in ids], dim=1)
 
     def materialize(self) -> StackedEnsemble:
         return self
@@ -81,9 +83,9 @@ class SuperWeightEnsemble(StackedEnsemble):
         for binding, ids in zip(self.bindings, self.slots_of):
             binding.assign([weights[i] for i in ids])
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, members: list[int] | None = None) -> Tensor:
         self.assign_weights(self._weights())
-        return super().forward(x)
+        return super().forward(x, members)
 
     @torch.no_grad()
     def materialize(self) -> StackedEnsemble:

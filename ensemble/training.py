@@ -55,8 +55,11 @@ def ensemble_loss(logits: Tensor, y: Tensor) -> Tensor:
     return F.cross_entropy(logits.reshape(b * m, c), y.repeat_interleave(m), reduction="sum") / b
 
 
-def train_step(model, x, y, optimizer, scheduler, after_backward: Callable[[nn.Module], None] | None = None):
-    logits = model(x)
+def train_step(model, x, y, optimizer, scheduler, after_backward: Callable[[nn.Module], None] | None = None,
+               members: list[int] | None = None):
+    """One optimisation step. `members`: compute the loss of these members only (member-parallel workers);
+    `after_backward(model)`: runs between backward and the optimizer step (gradient all-reduce)."""
+    logits = model(x, members)
     loss = ensemble_loss(logits, y)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()

@@ -1,3 +1,8 @@
 """Member architectures. Importing this package registers every one of them."""
 
-from . import wrn  # noqa: F401
+from . import (  # noqa: F401
+    mlp,
+    mobilenet,
+    resnet,
+    wrn,  # noqa: F401
+)
