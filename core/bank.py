@@ -2,9 +2,9 @@
 
 DESIGN.md steps 4-6. One flat `bank` vector holds theta_b of every block (exactly `plan.budget`
 entries); one flat `coefficients` vector holds alpha_b (coefficient sets x templates) of every block.
-Generation is one matmul per block, then grid cells are assembled into slot weights; a slot whose
-shape fits inside an already assembled slot of the same coefficient set is a crop (a view), which is
-exactly the "no warping" property: a thin member's weight is the top-left block of a wide one's.
+Generation is one matmul per block, then grid cells are assembled into slot weights; slots sharing a
+coefficient set are assembled from the same cells, which is exactly the "no warping" property: a thin
+member's weight is the top-left block of a wide one's.
 """
 
 from __future__ import annotations
@@ -33,60 +33,56 @@ class SuperWeightBank(nn.Module):
         plan = self.plan
         self._row_of = [{c: r for r, c in enumerate(b.coef_sets)} for b in plan.blocks]
         self._cells = [plan.slot_cells(i) for i in range(len(plan.slots))]
-        # Per coefficient set, largest slots first; a slot is cropped from an earlier one that contains it.
-        by_coef: dict[int, list[int]] = {}
-        for i, c in enumerate(plan.slot_coef):
-            by_coef.setdefault(c, []).append(i)
-        self._order: list[tuple[int, int | None]] = []  # (slot, source slot to crop from or None)
-        for ids in by_coef.values():
-            ids = sorted(ids, key=lambda i: (-plan.slots[i].numel, i))
-            built: list[int] = []
-            for i in ids:
-                o, n = plan.slots[i].shape[:2]
-                src = next((j for j in built if plan.slots[j].shape[0] >= o and plan.slots[j].shape[1] >= n), None)
-                self._order.append((i, src))
-                if src is None:
-                    built.append(i)
+        self._param_sizes = [b.params for b in plan.blocks]
+        self._coef_sizes = [len(b.coef_sets) * b.templates for b in plan.blocks]
 
     # -- generation --------------------------------------------------------------------------
-    def templates(self, block_id: int) -> Tensor:
+    # Autograd cost matters as much as the forward: slicing a big tensor N times makes N zero-filled
+    # gradients of its full size in backward, so the flat vectors are cut once with `split` and block
+    # rows with `unbind`, whose backward concatenates instead.
+    @staticmethod
+    def _windows(theta: Tensor, b) -> Tensor:
         """[K_b, size_b]: template k = cyclic window of theta_b starting at k * P_b / K_b."""
-        b = self.plan.blocks[block_id]
-        theta = self.bank[b.offset : b.offset + b.params]
         starts = b.window_starts()
         need = starts[-1] + b.size
         if need > b.params:  # some window wraps around: extend theta cyclically (only what is read)
             theta = theta.repeat(-(-need // b.params))[:need]
         return torch.stack([theta[s : s + b.size] for s in starts])
 
+    def templates(self, block_id: int) -> Tensor:
+        b = self.plan.blocks[block_id]
+        return self._windows(self.bank[b.offset : b.offset + b.params], b)
+
     def block_coefficients(self, block_id: int) -> Tensor:
         b = self.plan.blocks[block_id]
         n = len(b.coef_sets) * b.templates
         return self.coefficients[b.coef_offset : b.coef_offset + n].view(len(b.coef_sets), b.templates)
 
-    def block_outputs(self) -> list[Tensor]:
-        """[coefficient sets of b, size_b] for every block: one matmul each."""
-        return [self.block_coefficients(b.id) @ self.templates(b.id) for b in self.plan.blocks]
+    def block_outputs(self) -> list[tuple[Tensor, ...]]:
+        """Per block, one row per coefficient set: alpha_b [sets, K_b] @ templates [K_b, size_b], one matmul."""
+        thetas = torch.split(self.bank, self._param_sizes)
+        alphas = torch.split(self.coefficients, self._coef_sizes)
+        return [
+            (alpha.view(len(b.coef_sets), b.templates) @ self._windows(theta, b)).unbind(0)
+            for b, theta, alpha in zip(self.plan.blocks, thetas, alphas)
+        ]
 
     def raw_weights(self) -> list[Tensor]:
-        """Slot weights before the fixed gain, in plan slot order."""
+        """Slot weights before the fixed gain, in plan slot order.
+
+        A slot is the concatenation of its grid cells [:O, :I]; a thin slot sharing coefficients with a
+        wide one is therefore bit for bit the top-left crop of it (no warping).
+        """
         outputs = self.block_outputs()
-        plan = self.plan
-        raw: list[Tensor | None] = [None] * len(plan.slots)
-        for i, src in self._order:
-            shape = plan.slots[i].shape
-            if src is not None:
-                raw[i] = raw[src][: shape[0], : shape[1]]
-                continue
-            coef = plan.slot_coef[i]
+        blocks = self.plan.blocks
+        raw = []
+        for i, coef in enumerate(self.plan.slot_coef):
             bands = []
             for row in self._cells[i]:
-                cells = [
-                    outputs[bid][self._row_of[bid][coef]].view(plan.blocks[bid].shape) for bid in row
-                ]
+                cells = [outputs[bid][self._row_of[bid][coef]].view(blocks[bid].shape) for bid in row]
                 bands.append(cells[0] if len(cells) == 1 else torch.cat(cells, dim=1))
-            raw[i] = bands[0] if len(bands) == 1 else torch.cat(bands, dim=0)
-        return raw  # type: ignore[return-value]
+            raw.append(bands[0] if len(bands) == 1 else torch.cat(bands, dim=0))
+        return raw
 
     def forward(self) -> list[Tensor]:
         """Every slot weight, in plan slot order (one regeneration per training step)."""
