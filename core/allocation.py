@@ -5,7 +5,7 @@ Pure integer arithmetic: the result always sums to the budget exactly, whatever 
 
 from __future__ import annotations
 
-from .errors import SuperweightsError
+from .errors import BudgetTooSmallError, SuperweightsError
 
 
 def largest_remainder(total: int, weights: list[int], minimum: int = 1) -> list[int]:
@@ -38,9 +38,7 @@ def allocate_budget(budget: int, sizes: list[int], usage: list[int], max_templat
     """
     n = len(sizes)
     if budget < n:
-        raise SuperweightsError(
-            f"bank.budget={budget} is too small: the minimum is {n} (one parameter per block)"
-        )
+        raise BudgetTooSmallError(f"bank.budget={budget} is too small: the minimum is {n} (one parameter per block)", n)
     total = sum(sizes)
     if budget <= total:
         return largest_remainder(budget, sizes)

@@ -6,3 +6,11 @@ The CLI turns it into a one-line message and exit code 2; anything else is a bug
 
 class SuperweightsError(ValueError):
     """A problem the user can fix; its message is a complete, single-line explanation."""
+
+
+class BudgetTooSmallError(SuperweightsError):
+    """The budget is below one parameter per block; `minimum` is the smallest valid budget."""
+
+    def __init__(self, message: str, minimum: int):
+        super().__init__(message)
+        self.minimum = minimum

@@ -218,13 +218,15 @@ def build_plan(
     depth_bins: int = 4,
     max_templates: int = 4,
     share_coefficients: bool = True,
-    group_of: list[int] | None = None,
+    group_of: list | None = None,
+    coef_of: list | None = None,
 ) -> Plan:
     """Lay out groups, blocks, templates and offsets so that the bank has exactly `budget` entries.
 
-    `group_of` (optional) gives an explicit group index per slot (gradient-based grouping); by default
+    `group_of` (optional) gives an explicit group key per slot (gradient-based grouping); by default
     groups are (kind, depth bin). Corresponding slots share a coefficient set when
-    `share_coefficients` and they are in the same group.
+    `share_coefficients` and they are in the same group; `coef_of` (optional) gives explicit
+    coefficient-set keys instead (after unsharing).
     """
     if max_templates < 2:
         raise SuperweightsError(f"bank.max_templates must be >= 2, got {max_templates}")
@@ -262,7 +264,10 @@ def build_plan(
     coef_index: dict = {}
     slot_coef = []
     for i in range(len(slots)):
-        key = (slot_group[i], keys[i]) if share_coefficients else i
+        if coef_of is not None:
+            key = (slot_group[i], coef_of[i])
+        else:
+            key = (slot_group[i], keys[i]) if share_coefficients else i
         if key not in coef_index:
             coef_index[key] = len(coef_index)
         slot_coef.append(coef_index[key])
