@@ -6,6 +6,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from .modes import eval_mode
+
 
 def count_flops(fn, *args) -> int:
     """FLOPs of `fn(*args)` as counted by `torch.utils.flop_counter.FlopCounterMode`."""
@@ -15,5 +17,6 @@ def count_flops(fn, *args) -> int:
 
 
 def module_flops(module: nn.Module, example: Tensor) -> int:
-    """Per-call FLOPs of a module on `example` (meta tensors work: shapes are all it needs)."""
-    return count_flops(module, example)
+    """Per-call FLOPs of a module on `example` in eval mode (meta tensors work: shapes are all it needs)."""
+    with eval_mode(module):
+        return count_flops(module, example)

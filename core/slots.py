@@ -13,6 +13,8 @@ import copy
 import torch
 from torch import Tensor, nn
 
+from .modes import eval_mode
+
 SLOT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
@@ -41,7 +43,7 @@ def trace_slots(module: nn.Module, example: Tensor) -> list[tuple[str, str, tupl
             order.setdefault(name, len(order))
         handles.append(mod.register_forward_pre_hook(hook))
     try:
-        with torch.no_grad():
+        with torch.no_grad(), eval_mode(module):
             module(example)
     finally:
         for h in handles:

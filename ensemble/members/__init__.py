@@ -1,8 +1,3 @@
 """Member architectures. Importing this package registers every one of them."""
 
-from . import (  # noqa: F401
-    mlp,
-    mobilenet,
-    resnet,
-    wrn,  # noqa: F401
-)
+from . import mlp, mobilenet, resnet, wrn  # noqa: F401
