@@ -28,6 +28,17 @@ class SuperWeightBank(nn.Module):
         self._build_index()
         self.reset_parameters(generator)
 
+    def rebind(self, plan: Plan, coefficients: Tensor) -> None:
+        """Switch to a plan with the same blocks but other coefficient sets (unsharing).
+
+        The bank vector and gains are kept; `coefficients` is the new flat coefficient Parameter.
+        """
+        if [b.params for b in plan.blocks] != self._param_sizes or coefficients.numel() != plan.coefficient_params:
+            raise ValueError("rebind needs the same blocks and a coefficient vector of the new plan's size")
+        self.plan = plan
+        self.coefficients = coefficients
+        self._build_index()
+
     # -- static index structures (pure python, computed once) --------------------------------
     def _build_index(self) -> None:
         plan = self.plan

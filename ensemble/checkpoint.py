@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from core.errors import SuperweightsError
 from core.plan import Plan
+from core.ssn import SSNPlan
 
 from .config import Config, from_dict
 from .data import DatasetInfo
@@ -49,8 +50,8 @@ def _read_json(path: Path) -> dict:
         raise SuperweightsError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
 
 
-def load_checkpoint(folder, device: str | torch.device = "cpu") -> tuple[Config, DatasetInfo, StackedEnsemble, dict]:
-    """(config, dataset info, model in eval mode, metrics) from a checkpoint folder; one-line errors."""
+def load_plan(folder) -> tuple[Config, DatasetInfo, Plan | None]:
+    """(config, dataset info, bank plan or None for `full`) from a checkpoint folder; one-line errors."""
     path = Path(folder)
     if not path.is_dir():
         raise SuperweightsError(f"checkpoint folder {str(path)!r} does not exist")
@@ -63,11 +64,19 @@ def load_checkpoint(folder, device: str | torch.device = "cpu") -> tuple[Config,
         d = plan_json["dataset"]
         info = DatasetInfo(d["name"], d["in_channels"], tuple(d["image_size"]), d["num_classes"],
                            tuple(d["mean"]), tuple(d["std"]))
-        plan = Plan.from_json(plan_json["bank"]) if plan_json["bank"] is not None else None
-    except (KeyError, TypeError) as e:
+        bank = plan_json["bank"]
+        plan = None if bank is None else (SSNPlan if bank.get("method") == "ssn" else Plan).from_json(bank)
+    except (KeyError, TypeError, AttributeError) as e:
         raise SuperweightsError(f"{path / 'plan.json'} is malformed (missing {e})") from None
     if plan_json.get("method") != config.bank.method or (plan is None) != (config.bank.method == "full"):
         raise SuperweightsError(f"{path / 'plan.json'} does not match config.json (method {config.bank.method})")
+    return config, info, plan
+
+
+def load_checkpoint(folder, device: str | torch.device = "cpu") -> tuple[Config, DatasetInfo, StackedEnsemble, dict]:
+    """(config, dataset info, model in eval mode, metrics) from a checkpoint folder; one-line errors."""
+    path = Path(folder)
+    config, info, plan = load_plan(path)
     model = build_ensemble(config, info, plan)
     try:
         state = load_file(str(path / "weights.safetensors"))

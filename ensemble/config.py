@@ -31,15 +31,39 @@ class DataConfig:
 @dataclass(frozen=True)
 class EnsembleConfig:
     members: tuple[str, ...] = ("wrn-16-4", "wrn-16-2", "wrn-10-4", "wrn-10-2")
+    # Early exits (DESIGN.md step 10): "none" (default: members unchanged, one exit = the classifier),
+    # "all" (an exit after every stage) or a list of stage indices. The classifier is always the last exit.
+    exits: str | tuple[int, ...] = "none"
+    # Loss weight of each exit (same length as every member's exit count); empty = all exits weigh 1.
+    exit_weights: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
 class BankConfig:
-    method: str = "superweights"  # superweights | full
+    method: str = "superweights"  # superweights | ssn (NPAS Shapeshifter Networks) | full
     budget: int | float = 0.5  # int: bank parameters; float: fraction of all members' slot weights
     depth_bins: int = 4
     max_templates: int = 4
     share_coefficients: bool = True  # corresponding slots of members share coefficients
+    grouping: str = "depth"  # depth (relative-depth bins) | gradient (SuperWeights: split by gradient similarity)
+    unshare_epoch: int = 0  # after this epoch (1-based), unshare conflicting coefficients; 0 = never
+    unshare_batches: int = 8  # batches of per-member coefficient gradients to compare
+    unshare_threshold: float = 0.9  # corresponding slots with cosine below this get their own coefficients
+    upsample: str = "repeat"  # ssn: repeat | mask | inter (layers larger than their group's vector)
+    ssn_groups: str = "depth"  # ssn: one | depth (bank.depth_bins bins, kinds mixed) | learned (k-means)
+    groups: int = 4  # ssn learned: k-means clusters
+    pretrain_steps: int = 100  # ssn learned: pre-training steps before k-means
+
+
+@dataclass(frozen=True)
+class GroupingConfig:
+    """Gradient-based grouping (bank.grouping = "gradient")."""
+
+    warmup_epochs: int = 2  # training epochs on depth-bin groups before measuring gradients
+    batches: int = 8  # training batches over which slot weight gradients are accumulated
+    threshold: float = 0.2  # slots of a group whose gradient cosine exceeds this keep sharing (transitively)
+    threshold_step: float = 0.1  # lowered by this when a grouping cannot fit the budget ...
+    tries: int = 10  # ... at most this many times, then a clear error
 
 
 @dataclass(frozen=True)
@@ -54,11 +78,22 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class AnytimeConfig:
+    schedule: str = "greedy"  # greedy (val accuracy gain per FLOP) | member (member-major) | explicit
+    order: tuple[int, ...] = ()  # explicit: member index per step, e.g. [0, 1, 0, 1]
+
+
+SCHEDULES = ("greedy", "member", "explicit")
+
+
+@dataclass(frozen=True)
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
     bank: BankConfig = field(default_factory=BankConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    anytime: AnytimeConfig = field(default_factory=AnytimeConfig)
+    grouping: GroupingConfig = field(default_factory=GroupingConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return {s.name: {k: _plain(v) for k, v in dataclasses.asdict(getattr(self, s.name)).items()} for s in dataclasses.fields(self)}
@@ -70,15 +105,37 @@ class Config:
     def validate(self) -> Config:
         if self.bank.method not in METHODS:
             raise SuperweightsError(f"bank.method must be one of {', '.join(METHODS)}, got {self.bank.method!r}")
+        if self.bank.method == "ssn":
+            from core.ssn import GROUP_MODES, UPSAMPLERS
+
+            if self.bank.upsample not in UPSAMPLERS:
+                raise SuperweightsError(f"bank.upsample must be one of {', '.join(UPSAMPLERS)}, got {self.bank.upsample!r}")
+            if self.bank.ssn_groups not in GROUP_MODES:
+                raise SuperweightsError(f"bank.ssn_groups must be one of {', '.join(GROUP_MODES)}, got {self.bank.ssn_groups!r}")
+            if self.bank.groups < 1:
+                raise SuperweightsError(f"bank.groups must be >= 1, got {self.bank.groups}")
+        if self.bank.grouping not in ("depth", "gradient"):
+            raise SuperweightsError(f"bank.grouping must be depth or gradient, got {self.bank.grouping!r}")
         if not self.ensemble.members:
             raise SuperweightsError("ensemble.members is empty: name at least one member")
         for key, value, low in (("train.epochs", self.train.epochs, 1), ("train.batch_size", self.train.batch_size, 1)):
             if value < low:
                 raise SuperweightsError(f"{key} must be >= {low}, got {value}")
+        exits = self.ensemble.exits
+        if isinstance(exits, str) and exits not in ("all", "none"):
+            raise SuperweightsError(f'ensemble.exits must be "all", "none" or a list of stage indices, got {exits!r}')
+        if not isinstance(exits, str) and any(i < 0 for i in exits):
+            raise SuperweightsError(f"ensemble.exits: stage indices must be >= 0, got {list(exits)}")
+        if any(w < 0 for w in self.ensemble.exit_weights):
+            raise SuperweightsError(f"ensemble.exit_weights must be >= 0, got {list(self.ensemble.exit_weights)}")
+        if self.anytime.schedule not in SCHEDULES:
+            raise SuperweightsError(f"anytime.schedule must be one of {', '.join(SCHEDULES)}, got {self.anytime.schedule!r}")
+        if self.anytime.schedule == "explicit" and not self.anytime.order:
+            raise SuperweightsError("anytime.schedule = \"explicit\" needs anytime.order (a member index per step)")
         return self
 
 
-METHODS = ("superweights", "full")
+METHODS = ("superweights", "ssn", "full")
 
 
 def _plain(v: Any) -> Any:
@@ -89,11 +146,25 @@ def valid_keys() -> list[str]:
     return [f"{name}.{f.name}" for name, t in _SECTION_TYPES.items() for f in dataclasses.fields(t)]
 
 
-_SECTION_TYPES = {"data": DataConfig, "ensemble": EnsembleConfig, "bank": BankConfig, "train": TrainConfig}
+_SECTION_TYPES = {"data": DataConfig, "ensemble": EnsembleConfig, "bank": BankConfig, "train": TrainConfig,
+                  "anytime": AnytimeConfig, "grouping": GroupingConfig}
+
+_NUMBER_LISTS = {"ensemble.exit_weights": (int, float), "anytime.order": (int,)}
 
 
 def _coerce(key: str, value: Any, default: Any) -> Any:
     """Check a TOML value against the field's default type; ints are accepted where floats are expected."""
+    if key == "ensemble.exits":
+        if isinstance(value, str):
+            return value
+        if not isinstance(value, list | tuple) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise SuperweightsError(f'{key} must be "all", "none" or a list of stage indices, got {value!r}')
+        return tuple(value)
+    if key in _NUMBER_LISTS:
+        types = _NUMBER_LISTS[key]
+        if not isinstance(value, list | tuple) or not all(isinstance(v, types) and not isinstance(v, bool) for v in value):
+            raise SuperweightsError(f"{key} must be a list of numbers, got {value!r}")
+        return tuple(float(v) for v in value) if float in types else tuple(value)
     if isinstance(default, tuple):
         if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
             raise SuperweightsError(f"{key} must be a list of strings, got {value!r}")

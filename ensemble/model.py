@@ -10,17 +10,20 @@
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
 
 from core.bank import SuperWeightBank
+from core.errors import SuperweightsError
 from core.plan import Plan
 from core.slots import SlotBinding, materialize
 
 from . import members as _members  # noqa: F401  (registers every architecture)
 from .config import Config
 from .data import DatasetInfo
+from .exits import ExitMember, exits_enabled, wrap_with_exits
 from .registry import create_model
 
 
@@ -48,28 +51,74 @@ class StackedEnsemble(nn.Module):
         return (x - self.mean) / self.std
 
     def forward(self, x: Tensor, members: list[int] | None = None) -> Tensor:
-        """Logits (B, M', C) of `members` (default all, M' = M), in the order given."""
+        """Logits (B, M', C) of `members` (default all, M' = M), in the order given (last exits)."""
         x = self.normalize(x)
         ids = range(len(self.members)) if members is None else members
-        return torch.stack([self.members[i](x) for i in ids], dim=1)
+        return torch.stack([_last(self.members[i], x) for i in ids], dim=1)
+
+    @property
+    def has_exits(self) -> bool:
+        return any(isinstance(m, ExitMember) for m in self.members)
+
+    @property
+    def num_exits(self) -> list[int]:
+        return [m.num_exits if isinstance(m, ExitMember) else 1 for m in self.members]
+
+    def forward_exits_list(self, x: Tensor, members: list[int] | None = None) -> list[Tensor]:
+        """Logits of every exit, one (B, E_m, C) tensor per member (members may differ in E)."""
+        x = self.normalize(x)
+        ids = range(len(self.members)) if members is None else members
+        return [self.members[i](x) if isinstance(self.members[i], ExitMember) else self.members[i](x)[:, None]
+                for i in ids]
+
+    def forward_exits(self, x: Tensor, members: list[int] | None = None) -> Tensor:
+        """Logits (B, M', E, C) of every exit; needs the same number of exits E for every member."""
+        ids = list(range(len(self.members)) if members is None else members)
+        counts = {self.num_exits[i] for i in ids}
+        if len(counts) > 1:
+            raise SuperweightsError(f"forward_exits needs the same number of exits per member, got {self.num_exits}; "
+                                    "use forward_exits_list")
+        return torch.stack(self.forward_exits_list(x, ids), dim=1)
 
     def materialize(self) -> StackedEnsemble:
         return self
 
 
+def _last(member: nn.Module, x: Tensor) -> Tensor:
+    return member.last(x) if isinstance(member, ExitMember) else member(x)
+
+
 class SuperWeightEnsemble(StackedEnsemble):
-    def __init__(self, members, names, mean, std, plan: Plan, generator: torch.Generator | None = None):
+    """Members whose slot weights a bank generates. `bank` defaults to a `SuperWeightBank` of `plan`; any
+    module with `forward() -> list[Tensor]` (one weight per plan slot) and `bank`/`coefficients`
+    parameters works (the SSN bank does)."""
+
+    def __init__(self, members, names, mean, std, plan: Plan, generator: torch.Generator | None = None,
+                 bank: nn.Module | None = None):
         super().__init__(members, names, mean, std)
         self.plan = plan
-        self.bank = SuperWeightBank(plan, generator)
+        self.bank = bank if bank is not None else SuperWeightBank(plan, generator)
         self.slots_of = [plan.member_slots(i) for i in range(len(members))]
         self.bindings = [
             SlotBinding(m, [plan.slots[i].name for i in ids]) for m, ids in zip(self.members, self.slots_of)
         ]
         self._cache: list[Tensor] | None = None
         self._cache_key: tuple | None = None
+        self._override: list[Tensor] | None = None
+
+    @contextmanager
+    def using_weights(self, weights: list[Tensor]):
+        """Run forwards with these slot weights instead of generating them (e.g. leaf tensors whose
+        gradients gradient-based grouping measures)."""
+        self._override = weights
+        try:
+            yield self
+        finally:
+            self._override = None
 
     def _weights(self) -> list[Tensor]:
+        if self._override is not None:
+            return self._override
         if torch.is_grad_enabled():
             self._cache = None
             return self.bank()
@@ -86,6 +135,10 @@ class SuperWeightEnsemble(StackedEnsemble):
     def forward(self, x: Tensor, members: list[int] | None = None) -> Tensor:
         self.assign_weights(self._weights())
         return super().forward(x, members)
+
+    def forward_exits_list(self, x: Tensor, members: list[int] | None = None) -> list[Tensor]:
+        self.assign_weights(self._weights())
+        return super().forward_exits_list(x, members)
 
     @torch.no_grad()
     def materialize(self) -> StackedEnsemble:
@@ -112,18 +165,55 @@ def he_init_(module: nn.Module) -> None:
                 m.bias.zero_()
 
 
-def build_ensemble(config: Config, info: DatasetInfo, plan: Plan | None = None) -> StackedEnsemble:
-    """Build the model the config asks for; seeded by `train.seed` (same seed, same weights)."""
+def _check_plan_fits(plan: Plan, members: list[nn.Module], names: list[str]) -> None:
+    """A plan (e.g. from plan.json) must name existing slots of these members with the same shapes."""
+    for slot in plan.slots:
+        if slot.member >= len(members):
+            raise SuperweightsError(f"the plan has slots of member {slot.member} but the config has {len(members)} members")
+        try:
+            weight = members[slot.member].get_submodule(slot.name).weight
+        except AttributeError:
+            raise SuperweightsError(f"the plan does not match the config: {names[slot.member]} has no slot "
+                                    f"{slot.name!r} (ensemble.exits changed?)") from None
+        if tuple(weight.shape) != tuple(slot.shape):
+            raise SuperweightsError(f"the plan does not match the config: {names[slot.member]}.{slot.name} has shape "
+                                    f"{tuple(weight.shape)}, the plan says {tuple(slot.shape)}")
+
+
+def build_members(config: Config, info: DatasetInfo) -> tuple[list[nn.Module], list[str]]:
+    """The config's members (with exit heads when asked), seeded by `train.seed`."""
     torch.manual_seed(config.train.seed)
     names = list(config.ensemble.members)
     members = [create_model(n, info.in_channels, info.num_classes) for n in names]
+    if exits_enabled(config.ensemble.exits):
+        example = torch.zeros(1, info.in_channels, *info.image_size, device="meta")
+        with torch.device("meta"):
+            metas = [create_model(n, info.in_channels, info.num_classes) for n in names]
+        members = [wrap_with_exits(m, n, config.ensemble.exits, example, info.num_classes, meta)
+                   for m, n, meta in zip(members, names, metas)]
+    return members, names
+
+
+def build_ensemble(config: Config, info: DatasetInfo, plan: Plan | None = None) -> StackedEnsemble:
+    """Build the model the config asks for; seeded by `train.seed` (same seed, same weights)."""
+    members, names = build_members(config, info)
     if config.bank.method == "full":
         for m in members:
             he_init_(m)
-        return StackedEnsemble(members, names, info.mean, info.std)
+        model = StackedEnsemble(members, names, info.mean, info.std)
+        model.exit_weights = tuple(config.ensemble.exit_weights)  # read by training.train_step (exits only)
+        return model
+    if config.bank.method == "ssn":
+        from .ssn_model import build_ssn_ensemble  # lazy: ssn_model builds on this module
+
+        b = config.bank
+        return build_ssn_ensemble(config, info, b.upsample, b.ssn_groups, b.groups, b.max_templates, b.budget, plan=plan)
     if plan is None:
         from .planning import make_plan
 
         plan = make_plan(config, info)
+    _check_plan_fits(plan, members, names)
     generator = torch.Generator().manual_seed(config.train.seed)
-    return SuperWeightEnsemble(members, names, info.mean, info.std, plan, generator)
+    model = SuperWeightEnsemble(members, names, info.mean, info.std, plan, generator)
+    model.exit_weights = tuple(config.ensemble.exit_weights)  # read by training.train_step (exits only)
+    return model

@@ -5,9 +5,12 @@ Also the plan summary that `superweights plan --json` prints; its top-level fiel
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 from torch import nn
 
+from core.errors import SuperweightsError
 from core.flops import module_flops
 from core.plan import Plan, SlotSpec, build_plan
 from core.slots import trace_slots
@@ -15,6 +18,7 @@ from core.slots import trace_slots
 from . import members as _members  # noqa: F401  (registers every architecture)
 from .config import Config
 from .data import DatasetInfo
+from .exits import exits_enabled, wrap_with_exits
 from .registry import create_model
 
 
@@ -25,7 +29,14 @@ def example_input(info: DatasetInfo, device: str | torch.device = "meta") -> tor
 def meta_members(config: Config, info: DatasetInfo) -> list[nn.Module]:
     """Members built on the meta device: shapes and FLOPs only, even for WRN-28-10 on CIFAR-100."""
     with torch.device("meta"):
-        return [create_model(n, info.in_channels, info.num_classes) for n in config.ensemble.members]
+        # eval(): FLOP counting runs a batch of one, which BatchNorm refuses in training mode at 1x1 maps
+        members = [create_model(n, info.in_channels, info.num_classes).eval() for n in config.ensemble.members]
+        if not exits_enabled(config.ensemble.exits):
+            return members
+        # Exit heads are members' modules too: their linears become bank slots like any other weight.
+        x = example_input(info)
+        return [wrap_with_exits(m, n, config.ensemble.exits, x, info.num_classes, m).eval()
+                for m, n in zip(members, config.ensemble.members)]
 
 
 def member_slots(config: Config, info: DatasetInfo, members: list[nn.Module] | None = None) -> list[SlotSpec]:
@@ -75,6 +86,11 @@ def plan_summary(config: Config, info: DatasetInfo, plan: Plan | None = None) ->
             "private_params": private, "total_params": full, "full_ensemble_params": full,
             "members": rows, "groups": [],
         }
+    if config.bank.method == "ssn":
+        ssn = _ssn_summary(config, info, slots, plan)
+        return {**summary, **ssn, "budget_ratio": ssn["budget"] / slot_weights, "private_params": private,
+                "total_params": ssn["bank_params"] + ssn["coefficient_params"] + private,
+                "full_ensemble_params": full, "members": rows}
     plan = plan or make_plan(config, info, slots)
     return {
         **summary,
@@ -82,6 +98,9 @@ def plan_summary(config: Config, info: DatasetInfo, plan: Plan | None = None) ->
         "budget_ratio": plan.budget / slot_weights,
         "bank_params": plan.bank_params,
         "coefficient_params": plan.coefficient_params,
+        "grouping": config.bank.grouping,
+        "coefficient_sets": plan.num_coef_sets,
+        "shared_slot_pairs": sum(n * (n - 1) // 2 for n in Counter(plan.slot_coef).values()),
         "private_params": private,
         "total_params": plan.bank_params + plan.coefficient_params + private,
         "full_ensemble_params": full,
@@ -99,3 +118,15 @@ def plan_summary(config: Config, info: DatasetInfo, plan: Plan | None = None) ->
             for g in plan.groups
         ],
     }
+
+
+def _ssn_summary(config: Config, info: DatasetInfo, slots: list[SlotSpec], plan) -> dict:
+    from .ssn_model import make_ssn_plan, ssn_summary  # lazy: ssn_model builds on this module
+
+    b = config.bank
+    if plan is None:
+        if b.ssn_groups == "learned":
+            raise SuperweightsError("learned SSN groups are found by pre-training during `superweights train`; "
+                                    "`superweights plan --from CHECKPOINT` shows them")
+        plan = make_ssn_plan(config, info, b.upsample, b.ssn_groups, b.max_templates, b.budget, slots=slots)
+    return ssn_summary(plan, list(config.ensemble.members))

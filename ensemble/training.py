@@ -23,6 +23,7 @@ from core.errors import SuperweightsError
 from .checkpoint import save_checkpoint
 from .config import Config
 from .data import DataSplits, Loader, load_data
+from .exits import anytime_record, write_anytime
 from .metrics import ensemble_report
 from .model import StackedEnsemble, build_ensemble
 
@@ -35,8 +36,9 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def make_optimizer(model: StackedEnsemble, config: Config, steps_per_epoch: int):
-    """SGD + Nesterov momentum; weight decay on everything except coefficients; per-step cosine LR."""
+def make_optimizer(model: StackedEnsemble, config: Config, steps_per_epoch: int, epochs: int | None = None):
+    """SGD + Nesterov momentum; weight decay on everything except coefficients; per-step cosine LR over
+    `epochs` (default train.epochs)."""
     t = config.train
     coef = [p for n, p in model.named_parameters() if n.endswith("bank.coefficients")]
     rest = [p for n, p in model.named_parameters() if not n.endswith("bank.coefficients")]
@@ -44,7 +46,7 @@ def make_optimizer(model: StackedEnsemble, config: Config, steps_per_epoch: int)
     if coef:
         groups.append({"params": coef, "weight_decay": 0.0})
     opt = torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, nesterov=t.momentum > 0)
-    total = max(1, t.epochs * steps_per_epoch)
+    total = max(1, (t.epochs if epochs is None else epochs) * steps_per_epoch)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total)))
     return opt, sched
 
@@ -55,12 +57,37 @@ def ensemble_loss(logits: Tensor, y: Tensor) -> Tensor:
     return F.cross_entropy(logits.reshape(b * m, c), y.repeat_interleave(m), reduction="sum") / b
 
 
+def exit_loss(exit_logits: list[Tensor], y: Tensor, weights: tuple[float, ...] | list[float] = ()) -> Tensor:
+    """Sum over members and exits of weighted cross-entropy (DESIGN.md step 9). exit_logits: per member
+    (B, E_m, C); `weights`: one per exit (every member must then have that many exits), empty = all 1."""
+    total = exit_logits[0].new_zeros(())
+    for logits in exit_logits:
+        b, e, c = logits.shape
+        if weights and len(weights) != e:
+            raise SuperweightsError(f"ensemble.exit_weights has {len(weights)} weights but a member has {e} exits")
+        ce = F.cross_entropy(logits.reshape(b * e, c), y.repeat_interleave(e), reduction="none").view(b, e)
+        w = ce.new_tensor(weights) if weights else ce.new_ones(e)
+        total = total + (ce * w).sum() / b
+    return total
+
+
+def model_loss(model, x: Tensor, y: Tensor, members: list[int] | None = None) -> tuple[Tensor, Tensor]:
+    """(training loss, last-exit logits (B, M', C)) of `members` (default all) on one batch.
+
+    With exits (`model.has_exits`) the loss sums every exit (DESIGN.md step 9), else every member's last."""
+    if getattr(model, "has_exits", False):
+        outs = model.forward_exits_list(x, members)
+        loss = exit_loss(outs, y, getattr(model, "exit_weights", ()))
+        return loss, torch.stack([o[:, -1] for o in outs], dim=1)
+    logits = model(x, members)
+    return ensemble_loss(logits, y), logits
+
+
 def train_step(model, x, y, optimizer, scheduler, after_backward: Callable[[nn.Module], None] | None = None,
                members: list[int] | None = None):
     """One optimisation step. `members`: compute the loss of these members only (member-parallel workers);
     `after_backward(model)`: runs between backward and the optimizer step (gradient all-reduce)."""
-    logits = model(x, members)
-    loss = ensemble_loss(logits, y)
+    loss, logits = model_loss(model, x, y, members)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if after_backward is not None:
@@ -116,7 +143,19 @@ def fit(config: Config, out_dir: str | Path | None = None, device: str = "cpu", 
     dev = resolve_device(device)
     t = config.train
     data = data or load_data(config.data, t.seed, t.batch_size, t.eval_batch_size)
-    model = build_ensemble(config, data.info).to(dev)
+    plan = None
+    if config.bank.method == "superweights" and config.bank.grouping == "gradient":
+        from .grouping import gradient_regroup  # grouping builds on this module's training step
+
+        plan = gradient_regroup(config, data, dev, log, progress)
+    if config.bank.method == "ssn" and config.bank.ssn_groups == "learned":
+        from .ssn_model import learned_ssn_plan  # lazy: ssn_model builds on this module
+
+        b = config.bank
+        plan = learned_ssn_plan(config, data.info, data, dev, b.pretrain_steps, b.upsample, b.groups,
+                                b.max_templates, b.budget)
+        log(f"learned SSN groups: {len(plan.groups)} k-means groups after {b.pretrain_steps} pre-training steps")
+    model = build_ensemble(config, data.info, plan).to(dev)
     optimizer, scheduler = make_optimizer(model, config, len(data.train))
     history = []
     for epoch in range(t.epochs):
@@ -130,9 +169,17 @@ def fit(config: Config, out_dir: str | Path | None = None, device: str = "cpu", 
             f"epoch {epoch + 1:3d}/{t.epochs}  loss {row['train_loss']:.4f}  train acc {row['train_accuracy']:.4f}  "
             f"val acc {row['val_accuracy']:.4f}  val nll {row['val_nll']:.4f}  ({row['seconds']:.1f}s)"
         )
+        if config.bank.unshare_epoch == epoch + 1 and config.bank.method == "superweights":
+            from .grouping import unshare_coefficients
+
+            row["unshared_pairs"] = unshare_coefficients(model, optimizer, data.train, config, dev, epoch)
+            log(f"coefficient unsharing after epoch {epoch + 1}: {row['unshared_pairs']} slot pairs stopped sharing "
+                f"({model.plan.num_coef_sets} coefficient sets, {model.plan.coefficient_params:,} coefficients)")
     metrics = evaluate(model, data.test, dev)
     result = FitResult(model=model, history=history, metrics=metrics)
     if out_dir is not None:
         result.out_dir = save_checkpoint(out_dir, config, data.info, model, metrics, history)
+        # Exits, per-step FLOPs and the schedule (greedy on validation data) for anytime prediction.
+        write_anytime(result.out_dir, anytime_record(model, config, data.info, data.val, dev))
     return result
 

@@ -6,7 +6,12 @@ import torch
 
 from core.errors import SuperweightsError
 from core.grouping import (
-    coefficient_transfer, components, cropped_cosine, gradient_plan, partition, unshare_keys,
+    coefficient_transfer,
+    components,
+    cropped_cosine,
+    gradient_plan,
+    partition,
+    unshare_keys,
 )
 from core.plan import SlotSpec, build_plan
 

@@ -31,7 +31,7 @@ def test_int_is_accepted_for_float_fields():
         ("bank.budget=[1,", "malformed --set"),
         ("bank.budget=true", "bank.budget must be an integer"),
         ("train.epochs=0", "train.epochs must be >= 1"),
-        ("bank.method=ssm", "bank.method must be one of superweights, full"),
+        ("bank.method=ssm", "bank.method must be one of superweights, ssn, full"),
         ("ensemble.members=[]", "ensemble.members is empty"),
     ],
 )

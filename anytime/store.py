@@ -1,0 +1,80 @@
+"""anytime.json next to a checkpoint: exits, per-step FLOPs and the schedule, checked against the model.
+
+`ensemble.training.fit` writes it; checkpoints written elsewhere (e.g. by Ray workers) get it computed on
+first use here (FLOPs are measured once per plan, the greedy schedule needs the validation split) and
+cached in the folder when it is writable.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from core.errors import SuperweightsError
+from ensemble.checkpoint import load_checkpoint
+from ensemble.config import Config
+from ensemble.data import DatasetInfo, load_data
+from ensemble.exits import ANYTIME_FILE, anytime_record, step_flops, write_anytime
+from ensemble.model import StackedEnsemble
+from ensemble.planning import example_input, meta_members
+
+
+@dataclass
+class AnytimeCheckpoint:
+    config: Config
+    info: DatasetInfo
+    model: StackedEnsemble
+    metrics: dict
+    record: dict
+
+    @property
+    def steps(self) -> list[tuple[int, int]]:
+        return [tuple(s) for s in self.record["schedule"]["steps"]]
+
+
+def check_record(record: dict, model: StackedEnsemble, config: Config, info: DatasetInfo, where: str) -> dict:
+    """Raise a one-line error unless `record` describes `model` (names, exits, FLOPs, a valid schedule)."""
+    try:
+        names, exits, flops = record["members"], record["num_exits"], record["step_flops"]
+        record["direct_flops"], record["exit_stages"]  # noqa: B018  (required keys)
+        steps = [tuple(s) for s in record["schedule"]["steps"]]
+    except (KeyError, TypeError) as e:
+        raise SuperweightsError(f"{where} is malformed (missing {e})") from None
+    if names != list(model.names) or exits != model.num_exits:
+        raise SuperweightsError(f"{where} does not match the checkpoint: members {names} with exits {exits}, "
+                                f"checkpoint has {list(model.names)} with exits {model.num_exits}")
+    measured = step_flops(meta_members(config, info), example_input(info))
+    if flops != measured:
+        raise SuperweightsError(f"{where} does not match the checkpoint: step FLOPs {flops} != measured {measured}")
+    expected = sorted((m, k) for m, e in enumerate(exits) for k in range(e))
+    in_order = all(steps.index((m, k)) < steps.index((m, k + 1)) for m, k in steps if (m, k + 1) in steps)
+    if sorted(steps) != expected or not in_order:
+        raise SuperweightsError(f"{where}: the schedule must run every exit of every member once, in order per member")
+    return record
+
+
+def load_anytime(folder, device: str | torch.device = "cpu", write: bool = True) -> AnytimeCheckpoint:
+    """Checkpoint + its anytime record (computed and cached when anytime.json is missing)."""
+    config, info, model, metrics = load_checkpoint(folder, device)
+    path = Path(folder) / ANYTIME_FILE
+    if path.is_file():
+        try:
+            record = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise SuperweightsError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+    else:
+        val = None
+        if config.anytime.schedule == "greedy":
+            t = config.train
+            val = load_data(config.data, t.seed, t.batch_size, t.eval_batch_size).val
+        record = anytime_record(model, config, info, val, device)
+        if write:
+            try:
+                write_anytime(folder, record)
+            except OSError:
+                pass  # read-only checkpoint: the record is recomputed next time
+    check_record(record, model, config, info, str(path))
+    return AnytimeCheckpoint(config, info, model, metrics, record)

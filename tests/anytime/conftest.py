@@ -1,0 +1,19 @@
+import pytest
+
+from ensemble.config import load_config
+from ensemble.training import fit
+
+TINY = ('ensemble.members=["wrn-10-2","wrn-10-1"]', "data.train_per_class=10", "train.epochs=1",
+        "train.batch_size=32", "bank.budget=0.4")
+
+
+def cfg(*overrides):
+    return load_config(None, [*TINY, *overrides])
+
+
+@pytest.fixture(scope="session")
+def exits_ckpt(tmp_path_factory):
+    """A trained SuperWeight ensemble with an exit after every stage (3 exits per member)."""
+    out = tmp_path_factory.mktemp("anytime-ckpt")
+    result = fit(cfg("ensemble.exits=all"), out, progress=False, log=lambda s: None)
+    return result, out
