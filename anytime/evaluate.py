@@ -1,7 +1,7 @@
 """Anytime evaluation of a checkpoint: accuracy vs cumulative FLOPs along the schedule, every member
 subset (the papers' protocol), every exit of every member, NLL/ECE/disagreement at each point, and the
 normalised area under the accuracy-FLOPs curve. Writes anytime.csv, subsets.csv, exits.csv, anytime.png
-and summary.json (names and columns stable, documented in docs/anytime.md).
+and summary.json (names and columns stable, documented in the README, "Anytime prediction").
 """
 
 from __future__ import annotations

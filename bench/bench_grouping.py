@@ -27,6 +27,10 @@ VARIANTS = {
 }
 
 
+def sd(values: list[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, default=3)
@@ -46,7 +50,6 @@ def main(argv=None):
             pairs.append(sum(h.get("unshared_pairs", 0) for h in r.history))
             print(f"{name} seed {seed}: acc {acc[-1]:.4f} disagreement {dis[-1]:.4f} groups {groups[-1]} "
                   f"unshared pairs {pairs[-1]}", flush=True)
-        sd = (lambda v: statistics.stdev(v) if len(v) > 1 else 0.0)
         rows.append(f"| {name} | {statistics.mean(acc):.4f} +- {sd(acc):.4f} | {statistics.mean(dis):.4f} +- {sd(dis):.4f} "
                     f"| {statistics.mean(groups):.1f} | {statistics.mean(pairs):.1f} |")
     body = f"""## Results: depth vs gradient grouping, coefficient unsharing (digits, {args.seeds} seeds)

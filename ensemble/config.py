@@ -88,6 +88,25 @@ SCHEDULES = ("greedy", "member", "explicit")
 
 
 @dataclass(frozen=True)
+class RayConfig:
+    """Ray Train (`superweights train`, `python -m ray_jobs.train`); command-line flags override these."""
+
+    workers: int = -1  # -1 = min(2, CPUs); 0 = run the loop in-process
+    member_groups: int = 0  # workers = member_groups x data_replicas; 0 = derive
+    data_replicas: int = 0  # 0 = derive
+    use_gpu: bool = False
+    checkpoint_every: int = 1  # epochs between checkpoints (the last epoch is always checkpointed)
+    max_failures: int = 1  # worker failures to recover from (-1 = unlimited)
+    address: str = ""  # "" = $RAY_ADDRESS, else a new local Ray
+    storage_path: str = "runs/ray"  # Ray Train checkpoints: <storage_path>/<run name>
+
+
+@dataclass(frozen=True)
+class DebugConfig:
+    crash_at_epoch: int = 0  # tests: one worker raises at this epoch on the first attempt (0 = never)
+
+
+@dataclass(frozen=True)
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
@@ -95,6 +114,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     anytime: AnytimeConfig = field(default_factory=AnytimeConfig)
     grouping: GroupingConfig = field(default_factory=GroupingConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return {s.name: {k: _plain(v) for k, v in dataclasses.asdict(getattr(self, s.name)).items()} for s in dataclasses.fields(self)}
@@ -148,7 +169,8 @@ def valid_keys() -> list[str]:
 
 
 _SECTION_TYPES = {"data": DataConfig, "ensemble": EnsembleConfig, "bank": BankConfig, "train": TrainConfig,
-                  "anytime": AnytimeConfig, "grouping": GroupingConfig}
+                  "anytime": AnytimeConfig, "grouping": GroupingConfig,
+                  "ray": RayConfig, "debug": DebugConfig}
 
 _NUMBER_LISTS = {"ensemble.exit_weights": (int, float), "anytime.order": (int,)}
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 
 from core.errors import SuperweightsError
 
@@ -35,18 +34,55 @@ def build_parser() -> argparse.ArgumentParser:
                                    "and the groups/blocks/templates. Needs only the dataset's input shape.")
     _add_config_args(p)
     p.add_argument("--json", action="store_true", help="print the machine-readable plan summary")
+    p.add_argument("--from", dest="checkpoint", metavar="CHECKPOINT",
+                   help="show the plan saved in a checkpoint folder (learned groups, coefficient sharing)")
 
-    p = sub.add_parser("train", help="train an ensemble and write a checkpoint folder",
-                       description="Train every member together (sum of cross-entropies on the same batch), "
-                                   "validate each epoch, test at the end, and write weights.safetensors, "
-                                   "plan.json, config.json and metrics.json to --out.")
-    _add_config_args(p)
-    p.add_argument("--out", "-o", help="checkpoint folder (default: runs/<method>-<time>)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    p.add_argument("--download", action="store_true", help="download CIFAR files if missing (needs a network)")
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    p = sub.add_parser("train", help="train an ensemble with Ray Train, track it in MLflow, write a checkpoint folder",
+                       description="Train every member together (sum of cross-entropies on the same batch) on Ray "
+                                   "Train workers (members split over worker groups by FLOPs, batches over data "
+                                   "replicas), validate each epoch, test at the end, checkpoint to "
+                                   "<storage-path>/<name> (rerun with the same --name to resume), log to MLflow, and "
+                                   "copy weights.safetensors, plan.json, config.json and metrics.json to --out.")
+    from .train import add_train_arguments
+
+    add_train_arguments(p)
 
     sub.add_parser("models", help="list the registered member architectures")
+
+    p = sub.add_parser("compare", help="SuperWeight ensembles vs full-parameter baselines, tracked in MLflow",
+                       description="Train, under one parent MLflow run, the SuperWeight ensemble at every budget, the "
+                                   "full ensemble, every member alone and the SSN variants, for every seed; reuse runs "
+                                   "already FINISHED with the same settings; print and save the comparison table "
+                                   "(CSV, Markdown) and plots. On digits the protocol keeps 20 training images per "
+                                   "class (data.train_per_class=20) unless you set it.")
+    _add_config_args(p)
+    p.add_argument("--budgets", default="0.1,0.25,0.5,0.83,1.0,2.0", help="budget ratios, comma separated")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per setting (default 3)")
+    p.add_argument("--methods", default="superweights,full,members,ssn-repeat,ssn-mask,ssn-inter",
+                   help="comma separated subset of superweights, full, members, ssn-repeat, ssn-mask, ssn-inter")
+    p.add_argument("--experiment", default="superweights-compare", help="MLflow experiment name")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///<cwd>/mlflow.db)")
+    p.add_argument("--out", "-o", default="compare", help="report folder (default ./compare)")
+    p.add_argument("--report-only", action="store_true", help="rebuild the report from MLflow alone, no training")
+
+    p = sub.add_parser("evaluate", help="anytime evaluation of a checkpoint (accuracy vs FLOPs, subsets, exits)",
+                       description="Evaluate a checkpoint folder along its anytime schedule: accuracy, NLL, ECE and "
+                                   "disagreement vs cumulative FLOPs, every member subset, every exit, and the "
+                                   "normalised area under the accuracy-FLOPs curve. Writes anytime.csv, subsets.csv, "
+                                   "exits.csv, anytime.png and summary.json to --out.")
+    p.add_argument("checkpoint", help="checkpoint folder written by `superweights train`")
+    p.add_argument("--split", default="test", help="val or test (default: test)")
+    p.add_argument("--out", "-o", help="output folder (default: CHECKPOINT/anytime-SPLIT)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+
+    p = sub.add_parser("serve", help="serve anytime predictions with budget cutoffs over HTTP (uvicorn or Ray Serve)",
+                       description="Serve a checkpoint folder or an MLflow model (runs:/<id>, models:/<name>/<version>) "
+                                   "over HTTP: POST /predict with a FLOPs budget or a deadline, GET /model, GET /health, "
+                                   "OpenAPI docs at /docs. uvicorn by default; --ray deploys on Ray Serve. "
+                                   "See the README, \"Serving anytime predictions\".")
+    from .serve import add_serve_arguments
+
+    add_serve_arguments(p)
     return parser
 
 
@@ -63,8 +99,14 @@ def cmd_plan(args) -> int:
     from ensemble.data import dataset_info
     from ensemble.planning import plan_summary
 
-    config = _load(args)
-    summary = plan_summary(config, dataset_info(config.data))
+    if args.checkpoint:
+        from ensemble.checkpoint import load_plan
+
+        config, info, plan = load_plan(args.checkpoint)
+        summary = plan_summary(config, info, plan)
+    else:
+        config = _load(args)
+        summary = plan_summary(config, dataset_info(config.data))
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
@@ -87,7 +129,13 @@ def format_plan(s: dict) -> str:
         f"{'total_params':<34}{s['total_params']:>14,}  ({100 * s['total_params'] / full:.1f}% of full)",
         f"{'full_ensemble_params':<34}{full:>14,}",
     ]
-    if s["groups"]:
+    if "coefficient_sets" in s:
+        lines.append(f"grouping {s['grouping']}: {len(s['groups'])} groups; {s['coefficient_sets']} coefficient sets, "
+                     f"{s['shared_slot_pairs']} slot pairs sharing coefficients")
+    if s["groups"] and "blocks" not in s["groups"][0]:  # SSN: each group is one flat vector
+        lines += ["", f"SSN upsample {s['upsample']}", f"{'group':>5}{'slots':>7}{'params':>12}"]
+        lines += [f"{g['id']:>5}{len(g['slots']):>7}{g['params']:>12,}" for g in s["groups"]]
+    elif s["groups"]:
         lines += ["", f"{'group':>5}  {'kind':<10}{'slots':>6}{'blocks':>7}{'templates':>10}{'params':>12}"]
         for g in s["groups"]:
             lines.append(
@@ -108,26 +156,9 @@ def format_metrics(metrics: dict) -> str:
 
 
 def cmd_train(args) -> int:
-    from ensemble.data import load_data
-    from ensemble.planning import plan_summary
-    from ensemble.training import fit
+    from .train import run_from_args
 
-    config = _load(args)
-    t = config.train
-    data = load_data(config.data, t.seed, t.batch_size, t.eval_batch_size)
-    summary = plan_summary(config, data.info)
-    print(f"{len(config.ensemble.members)} members ({', '.join(config.ensemble.members)}) on {data.info.name}: "
-          f"{data.train.num_examples} train / {data.val.num_examples} val / {data.test.num_examples} test images")
-    print(f"method {config.bank.method}: {summary['total_params']:,} trainable parameters "
-          f"({100 * summary['total_params'] / summary['full_ensemble_params']:.1f}% of the full ensemble's "
-          f"{summary['full_ensemble_params']:,}); bank {summary['bank_params']:,}, "
-          f"coefficients {summary['coefficient_params']:,}, private {summary['private_params']:,}")
-    out = args.out or f"runs/{config.bank.method}-{time.strftime('%Y%m%d-%H%M%S')}"
-    result = fit(config, out, args.device, progress=not args.quiet and sys.stderr.isatty(), data=data)
-    print()
-    print(format_metrics(result.metrics))
-    print(f"\ncheckpoint: {result.out_dir}")
-    return 0
+    return run_from_args(args)
 
 
 def cmd_models(args) -> int:
@@ -139,7 +170,48 @@ def cmd_models(args) -> int:
     return 0
 
 
-COMMANDS = {"plan": cmd_plan, "train": cmd_train, "models": cmd_models}
+def cmd_evaluate(args) -> int:
+    from anytime.evaluate import format_table, run_evaluation
+    from ensemble.training import resolve_device
+
+    result, out = run_evaluation(args.checkpoint, args.split, args.out, str(resolve_device(args.device)))
+    print(format_table(result))
+    print(f"\nwrote anytime.csv, subsets.csv, exits.csv, anytime.png, summary.json to {out}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from .serve import run_from_args
+
+    return run_from_args(args, log=lambda s: print(s, flush=True))
+
+
+def cmd_compare(args) -> int:
+    from pathlib import Path
+
+    from .compare import build_report, compare, format_markdown, write_report
+    from .tracking import check_tracking_uri, default_tracking_uri
+
+    out = Path(args.out)
+    if args.report_only:
+        uri = check_tracking_uri(args.tracking_uri or default_tracking_uri())
+        report = build_report(uri, args.experiment)
+        write_report(report, out)
+    else:
+        try:
+            budgets = [float(b) for b in args.budgets.split(",") if b.strip()]
+        except ValueError:
+            raise SuperweightsError(f"--budgets must be comma separated numbers, got {args.budgets!r}") from None
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        report = compare(args.config, args.overrides, budgets, args.seeds, methods, args.experiment,
+                         args.tracking_uri, out)
+    print(format_markdown(report))
+    print(f"\nreport: {out.absolute()} (comparison.csv, comparison.md, accuracy_vs_params.png, anytime_overlay.png)")
+    return 0
+
+
+COMMANDS = {"plan": cmd_plan, "train": cmd_train, "models": cmd_models, "evaluate": cmd_evaluate, "serve": cmd_serve,
+            "compare": cmd_compare}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,283 @@
+"""Serving benchmark (issue 8): a real `superweights serve` (uvicorn, a subprocess on a loopback port; with
+--ray also Ray Serve on a private local cluster) under CLIENTS concurrent clients for DURATION seconds per
+budget kind (none, a mid-schedule FLOPs budget, 5 ms and 20 ms deadlines).
+
+Reports client latency p50/p99, throughput, errors (must be 0), FLOPs budget violations (must be 0), the
+server-reported elapsed time and, for deadlines of 20 ms and more, checks p99 elapsed <= deadline + 5 ms.
+Then the server overhead at p50: one sequential client against a direct `AnytimePredictor.predict` call
+on the same input and budget. The load stops by itself (every client stops sending at the deadline and
+waits at most the request timeout). Exit code 1 when a check fails. `--write` updates BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from anytime.predictor import AnytimePredictor  # noqa: E402
+from anytime.store import load_anytime  # noqa: E402
+from bench.common import ROOT, write_section  # noqa: E402
+
+DEADLINE_SLACK_MS = 5.0
+CHECKED_DEADLINE_MS = 20.0
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))]
+
+
+def make_checkpoint(members: str, out: Path) -> Path:
+    from ensemble.config import load_config
+    from ensemble.training import fit
+
+    fit(load_config(None, [f"ensemble.members={members}", 'ensemble.exits="all"', "train.epochs=1",
+                           "data.train_per_class=20"]), out_dir=out, progress=False, log=lambda s: None)
+    return out
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_uvicorn(ckpt: Path, extra: list[str]) -> tuple[subprocess.Popen, str]:
+    """`python -m ray_jobs.serve` in a subprocess (its own GIL); output discarded so no pipe can fill up."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "ray_jobs.serve", str(ckpt), "--port", str(port),
+                             "--no-access-log", *extra], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def start_ray(ckpt: Path, port: int):
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # private loopback cluster
+    os.environ.pop("RAY_ADDRESS", None)
+    import ray
+    from ray import serve
+
+    from ray_jobs.serve import deployment
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(deployment(str(ckpt), replicas=1, max_ongoing_requests=16), name="bench", route_prefix="/")
+
+    def stop():
+        serve.shutdown()
+        ray.shutdown()
+
+    return stop
+
+
+def wait_healthy(url: str, timeout: float = 180) -> None:
+    import httpx
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise SystemExit(f"{url} did not become healthy in {timeout:.0f}s")
+
+
+async def load(url: str, bodies: list[bytes], budget: dict | None, clients: int, duration: float,
+               timeout: float = 10.0) -> dict:
+    import httpx
+
+    lat, elapsed, steps, batch, met = [], [], [], [], []
+    errors = violations = 0
+    stop_at = time.perf_counter() + duration
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    headers = {"content-type": "application/json"}
+
+    async def client(c: httpx.AsyncClient, i: int):
+        nonlocal errors, violations
+        k = i
+        while time.perf_counter() < stop_at:
+            k += clients
+            t = time.perf_counter()
+            try:
+                r = await c.post("/predict", content=bodies[k % len(bodies)], headers=headers)
+                dt = (time.perf_counter() - t) * 1e3
+                if r.status_code != 200:
+                    errors += 1
+                    continue
+                out = r.json()
+            except (httpx.HTTPError, ValueError):
+                errors += 1
+                continue
+            lat.append(dt)
+            elapsed.append(out["elapsed_ms"])
+            steps.append(len(out["steps"]))
+            batch.append(out["batch_images"])
+            if budget and "flops" in budget and out["flops"] > budget["flops"]:
+                violations += 1
+            if out["deadline_met"] is not None:
+                met.append(out["deadline_met"])
+
+    start = time.perf_counter()
+    async with httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits) as c:
+        await asyncio.gather(*[client(c, i) for i in range(clients)])
+    wall = time.perf_counter() - start
+    return {"requests": len(lat) + errors, "rps": len(lat) / wall, "p50": pct(lat, 50), "p99": pct(lat, 99),
+            "elapsed_p50": pct(elapsed, 50), "elapsed_p99": pct(elapsed, 99), "errors": errors,
+            "violations": violations, "met": (sum(met) / len(met)) if met else None,
+            "steps": statistics.mean(steps) if steps else 0.0, "batch": statistics.mean(batch) if batch else 0.0}
+
+
+def sequential_p50(url: str, body: bytes, n: int) -> float:
+    import httpx
+
+    times = []
+    with httpx.Client(base_url=url, timeout=10) as c:
+        for i in range(n + 10):
+            t = time.perf_counter()
+            r = c.post("/predict", content=body, headers={"content-type": "application/json"})
+            dt = (time.perf_counter() - t) * 1e3
+            assert r.status_code == 200, r.text
+            if i >= 10:
+                times.append(dt)
+    return statistics.median(times)
+
+
+def direct_p50(pred: AnytimePredictor, x: torch.Tensor, flops, n: int) -> float:
+    times = []
+    for i in range(n + 10):
+        t = time.perf_counter()
+        pred.predict(x, budget_flops=flops)
+        if i >= 10:
+            times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
+def bench_server(name: str, url: str, kinds: list[tuple[str, dict | None]], inputs: list[torch.Tensor],
+                 args, pred: AnytimePredictor) -> tuple[list[str], list[str], bool]:
+    rows, over, ok = [], [], True
+    for label, budget in kinds:
+        bodies = [json.dumps({"inputs": x.tolist(), "budget": budget}).encode() for x in inputs]
+        asyncio.run(load(url, bodies, budget, args.clients, min(1.0, args.duration)))  # warm-up
+        r = asyncio.run(load(url, bodies, budget, args.clients, args.duration))
+        checks = []
+        if r["errors"]:
+            checks.append("errors")
+        if r["violations"]:
+            checks.append("FLOPs over budget")
+        if budget and budget.get("ms", 0) >= CHECKED_DEADLINE_MS and r["elapsed_p99"] > budget["ms"] + DEADLINE_SLACK_MS:
+            checks.append(f"p99 elapsed > {budget['ms']:g} + {DEADLINE_SLACK_MS:g} ms")
+        ok &= not checks
+        met = "-" if r["met"] is None else f"{100 * r['met']:.1f}%"
+        rows.append(f"| {name} | {label} | {r['requests']} | {r['rps']:.0f} | {r['p50']:.2f} | {r['p99']:.2f} | "
+                    f"{r['elapsed_p50']:.2f} / {r['elapsed_p99']:.2f} | {met} | {r['steps']:.2f} | {r['batch']:.2f} | "
+                    f"{r['errors']} | {r['violations']} | {'ok' if not checks else 'FAIL: ' + ', '.join(checks)} |")
+        print(rows[-1], flush=True)
+    for label, budget in kinds:
+        if budget and "ms" in budget:
+            continue
+        x = inputs[0]
+        body = json.dumps({"inputs": x.tolist(), "budget": budget}).encode()
+        http = sequential_p50(url, body, args.sequential)
+        direct = direct_p50(pred, x, budget.get("flops") if budget else None, args.sequential)
+        over.append(f"| {name} | {label} | {direct:.3f} | {http:.3f} | {http - direct:.3f} |")
+        print(over[-1], flush=True)
+    return rows, over, ok
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--duration", type=float, default=30.0, help="seconds of load per budget kind (default: 30)")
+    ap.add_argument("--clients", type=int, default=8, help="concurrent clients (default: 8)")
+    ap.add_argument("--images", type=int, default=1, help="images per request (default: 1)")
+    ap.add_argument("--model", help="checkpoint folder (default: train a small digits ensemble with exits)")
+    ap.add_argument("--members", default='["wrn-16-2","wrn-10-2"]', help="members of the default model")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads of the server and of the direct predictor (default: 1, as `serve`)")
+    ap.add_argument("--sequential", type=int, default=300, help="requests for the overhead measurement")
+    ap.add_argument("--ray", action="store_true", help="also benchmark Ray Serve (private local cluster, ~20 s start)")
+    ap.add_argument("--write", action="store_true", help="update the serve section of BENCHMARKS.md")
+    args = ap.parse_args()
+    if args.duration <= 0 or args.clients < 1 or args.images < 1:
+        ap.error("--duration, --clients and --images must be positive")
+
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
+        ckpt = Path(args.model) if args.model else make_checkpoint(args.members, Path(tmp) / "ckpt")
+        ck = load_anytime(ckpt)
+        pred = AnytimePredictor.from_checkpoint(ck)
+        mid = pred.cumulative_flops[(len(pred.steps) - 1) // 2]
+        kinds = [("none (whole schedule)", None), (f"flops {mid / 1e6:.2f} M", {"flops": mid}),
+                 ("ms 5", {"ms": 5.0}), ("ms 20", {"ms": 20.0})]
+        g = torch.Generator().manual_seed(0)
+        inputs = [torch.rand(args.images, ck.info.in_channels, *ck.info.image_size, generator=g) for _ in range(64)]
+        header = [f"torch {torch.__version__}, {platform.machine()}, {os.cpu_count()} CPUs, {args.threads} torch "
+                  f"thread(s), model "
+                  f"{' + '.join(ck.model.names)} (exits all, {len(pred.steps)} steps, "
+                  f"{pred.cumulative_flops[-1] / 1e6:.2f} MFLOPs/image), {args.clients} clients x "
+                  f"{args.duration:g} s per budget, {args.images} image(s) per request, loopback; server and "
+                  "clients share the machine",
+                  "", "| server | budget | requests | req/s | p50 ms | p99 ms | server elapsed p50 / p99 ms | "
+                  "deadline met | steps | batch images | errors | FLOPs over budget | check |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        print("\n".join(header), flush=True)
+        overhead = ["", "Server overhead at p50 (one sequential client, 1 request in flight) over a direct "
+                        "`AnytimePredictor.predict` call on the same input and budget:", "",
+                    "| server | budget | direct predictor p50 ms | HTTP round trip p50 ms | overhead ms |",
+                    "|---|---|---|---|---|"]
+        rows, ok = [], True
+        proc, url = start_uvicorn(ckpt, [f"--threads={args.threads}"])
+        try:
+            wait_healthy(url)
+            r, o, good = bench_server("uvicorn", url, kinds, inputs, args, pred)
+            rows += r
+            overhead += o
+            ok &= good
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        if args.ray:
+            port = free_port()
+            stop = start_ray(ckpt, port)
+            try:
+                url = f"http://127.0.0.1:{port}"
+                wait_healthy(url)
+                r, o, good = bench_server("Ray Serve", url, kinds, inputs, args, pred)
+                rows += r
+                overhead += o
+                ok &= good
+            finally:
+                stop()
+    text = "\n".join(header + rows + overhead)
+    text += (f"\n\nChecks: 0 errors, 0 FLOPs budget violations, p99 server elapsed <= deadline + "
+             f"{DEADLINE_SLACK_MS:g} ms for deadlines >= {CHECKED_DEADLINE_MS:g} ms: {'all ok' if ok else 'FAILED'}.")
+    print("\n" + text)
+    if args.write:
+        write_section("serve", text)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""Job entrypoint: `python -m ray_jobs.train --config ... [--set k=v] [--workers N] [--tracking-uri URI]
+[--address ADDR] [--out DIR]`; also what `superweights train` runs.
+
+Valid as a Ray Jobs entrypoint (`ray job submit --address http://127.0.0.1:8265 --working-dir . --
+python -m ray_jobs.train ...`): inside a job, Ray sets RAY_ADDRESS and the driver joins that cluster.
+A job's working folder is a temporary copy, so give absolute --out, --storage-path and --tracking-uri
+(sqlite:////abs/path/mlflow.db or http://server) when the results must outlive it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import signal
+import sys
+
+from core.errors import SuperweightsError
+
+from .driver import RayOptions
+
+_D = RayOptions()
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    """The train command's options (shared by `superweights train` and `python -m ray_jobs.train`)."""
+    p.add_argument("--config", "-c", help="TOML config file (default: built-in digits defaults)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one config key with a TOML value; repeatable")
+    p.add_argument("--out", "-o", help="copy the final model files here (default: runs/<run name>)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu); with workers, cuda = one GPU each")
+    p.add_argument("--download", action="store_true", help="download CIFAR files if missing (needs a network)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    g = p.add_argument_group("Ray Train")
+    g.add_argument("--workers", "-w", type=int,
+                   help="Ray Train workers (default: min(2, CPUs)); 0 runs the same loop in this process")
+    g.add_argument("--member-groups", type=int,
+                   help="split the members over this many worker groups, balanced by FLOPs (default: derive)")
+    g.add_argument("--data-replicas", type=int,
+                   help="split every batch over this many workers per member group (default: derive)")
+    g.add_argument("--use-gpu", action="store_true", default=None, help="one GPU per worker")
+    g.add_argument("--checkpoint-every", type=int, metavar="EPOCHS",
+                   help=f"epochs between checkpoints (default: {_D.checkpoint_every}; the last epoch always)")
+    g.add_argument("--max-failures", type=int,
+                   help=f"restart a failed worker group from the last checkpoint this many times (default: {_D.max_failures})")
+    g.add_argument("--address",
+                   help="Ray cluster address (host:port or ray://host:10001; default: $RAY_ADDRESS, else a local Ray)")
+    g.add_argument("--storage-path",
+                   help=f"checkpoint storage; a run lives in <storage-path>/<name> (default: {_D.storage_path})")
+    g.add_argument("--name", help="run name; rerunning with an existing name resumes it (default: <method>-<time>)")
+    g.add_argument("--crash-at-epoch", type=int, metavar="EPOCH",
+                   help=argparse.SUPPRESS)  # debug.crash_at_epoch: fault-tolerance testing
+    m = p.add_argument_group("MLflow")
+    m.add_argument("--tracking-uri", help="MLflow tracking URI or server URL (default: sqlite:///<cwd>/mlflow.db)")
+    m.add_argument("--experiment", default="superweights", help="MLflow experiment (default: superweights)")
+    m.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+
+
+_OPTION_ARGS = ("workers", "member_groups", "data_replicas", "use_gpu", "checkpoint_every", "max_failures", "address",
+                "storage_path", "crash_at_epoch")  # argparse dest == RayOptions field
+
+
+def options_from_args(args, config=None) -> RayOptions:
+    """The config's `[ray]` / `[debug]` sections (once ensemble/config.py has them), then the flags given."""
+    base = RayOptions.from_config(config) if config is not None else RayOptions()
+    given = {k: getattr(args, k) for k in _OPTION_ARGS if getattr(args, k, None) is not None}
+    return dataclasses.replace(base, **given)
+
+
+def run_from_args(args, log=print) -> int:
+    """Train, then print what a user wants: the test table, where things are, how to look at them."""
+    from ensemble.config import load_config
+
+    from .cli import format_metrics
+    from .driver import train
+
+    overrides = list(args.overrides)
+    if args.download:
+        overrides.append("data.download=true")
+    config = load_config(args.config, overrides)
+    name = args.name or f"{config.bank.method}-{_stamp()}"
+    outcome = train(config, options_from_args(args, config), name=name, out=args.out or f"runs/{name}",
+                    tracking_uri=args.tracking_uri, experiment=args.experiment, device=args.device, log=log,
+                    track=not args.no_tracking)
+    log("")
+    log(format_metrics(outcome.metrics))
+    log("")
+    log(f"model files: {outcome.out_dir}")
+    log(f"checkpoint:  {outcome.checkpoint}")
+    if outcome.mlflow_run_id:
+        log(f"MLflow run:  {outcome.mlflow_run_id} ({args.experiment}) in {outcome.tracking_uri}")
+        if outcome.tracking_uri.startswith(("http://", "https://")):
+            log(f"open the UI: {outcome.tracking_uri}")
+        else:
+            log(f"open the UI: mlflow ui --backend-store-uri {outcome.tracking_uri}  (then http://127.0.0.1:5000)")
+    log(f"done in {outcome.seconds:.1f}s")
+    return 0
+
+
+def _stamp() -> str:
+    import time
+
+    return time.strftime("%Y%m%d-%H%M%S")
+
+
+def _sigterm(signum, frame):  # `ray job stop` sends SIGTERM: unwind so the MLflow run ends KILLED, not RUNNING
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ray_jobs.train",
+                                     description="Train a SuperWeight ensemble with Ray Train (job entrypoint).")
+    add_train_arguments(parser)
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, _sigterm)
+    try:
+        return run_from_args(args, log=lambda s: print(s, flush=True))
+    except SuperweightsError as e:
+        print(f"superweights: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("superweights: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,376 @@
+"""The anytime HTTP app on a real uvicorn server (ephemeral loopback port, server thread) with a real HTTP
+client: answers equal the predictor's, budgets hold, every bad input is a 4xx JSON error while good
+requests keep succeeding, concurrent requests are micro-batched without changing anyone's answer."""
+
+import asyncio
+import json
+import math
+import time
+
+import httpx
+import pytest
+import torch
+
+from anytime.batching import MicroBatcher, QueueFull
+from anytime.http_app import AnytimeService, ServeSettings, ServingPredictor, create_app, serve_in_thread
+from anytime.predictor import AnytimePredictor
+from anytime.store import load_anytime
+from core.errors import SuperweightsError
+
+SETTINGS = ServeSettings(max_body_bytes=2**16, max_images=16, max_batch_images=16, batch_window_ms=5.0)
+SHAPE = (1, 8, 8)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """As `superweights serve` (--threads 1): on shared cores two spinning intra-op threads make every small
+    forward many times slower. Restored afterwards for the other test modules."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def folder(exits_ckpt):
+    return exits_ckpt[1]
+
+
+@pytest.fixture(scope="module")
+def reference(folder):
+    """The plain predictor the server must agree with."""
+    return AnytimePredictor.from_checkpoint(load_anytime(folder))
+
+
+@pytest.fixture(scope="module")
+def service(folder):
+    return AnytimeService.from_folder(folder, SETTINGS)
+
+
+@pytest.fixture(scope="module")
+def client(service):
+    with serve_in_thread(create_app(service)) as url, httpx.Client(base_url=url, timeout=20) as c:
+        yield c
+
+
+def images(n, seed=0):
+    return torch.rand(n, *SHAPE, generator=torch.Generator().manual_seed(seed))
+
+
+def post(client, x, budget):
+    return client.post("/predict", json={"inputs": x.tolist(), "budget": budget})
+
+
+def assert_matches(out, reference, x, budget):
+    flops = budget.get("flops") if budget else None
+    ref = reference.predict(x, budget_flops=flops)
+    assert out["steps"] == [list(s) for s in ref.steps]
+    assert out["flops"] == ref.flops
+    assert out["predictions"] == ref.probs.argmax(-1).tolist()
+    torch.testing.assert_close(torch.tensor(out["probabilities"]), ref.probs, atol=1e-5, rtol=0)
+    if flops is not None:
+        assert out["flops"] <= flops
+
+
+def assert_ok(client, x=None, budget=None):
+    x = images(2, seed=99) if x is None else x
+    r = post(client, x, budget)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+# -- good requests ----------------------------------------------------------------------------------------
+
+
+def test_health_model_and_openapi(client, reference):
+    h = client.get("/health")
+    assert h.status_code == 200 and h.json()["status"] == "ok"
+    m = client.get("/model").json()
+    assert m["members"] == ["wrn-10-2", "wrn-10-1"] and m["input_shape"] == list(SHAPE)
+    assert [e["num_exits"] for e in m["exits"]] == [3, 3]
+    assert [[s["member"], s["exit"]] for s in m["schedule"]] == [list(s) for s in reference.steps]
+    assert [s["cumulative_flops"] for s in m["schedule"]] == reference.cumulative_flops
+    assert m["budget"]["flops"] == {**m["budget"]["flops"], "min": reference.cumulative_flops[0],
+                                    "max": reference.cumulative_flops[-1]}
+    assert 0 < m["budget"]["ms"]["min"] < m["budget"]["ms"]["max"]
+    spec = client.get("/openapi.json").json()
+    assert set(spec["paths"]) == {"/predict", "/model", "/health"}
+    body = spec["paths"]["/predict"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert body["$ref"].endswith("/PredictRequest")
+    assert {"inputs", "budget"} <= set(spec["components"]["schemas"]["PredictRequest"]["properties"])
+    assert client.get("/docs").status_code == 200
+
+
+def test_predictions_equal_the_predictor_for_every_flops_budget(client, reference):
+    x = images(3)
+    budgets = [None]
+    for c in reference.cumulative_flops:
+        budgets += [{"flops": c}, {"flops": c + 1}, {"flops": c - 1}]
+    budgets.append({"flops": 10 * reference.cumulative_flops[-1]})
+    budgets = [b for b in budgets if b is None or b["flops"] >= reference.min_flops]
+    for budget in budgets:
+        out = assert_ok(client, x, budget)
+        assert_matches(out, reference, x, budget)
+        assert out["deadline_met"] is None and out["elapsed_ms"] > 0
+        assert set(out) == {"predictions", "probabilities", "steps", "flops", "elapsed_ms", "deadline_met",
+                            "batch_images"}
+        assert all(math.isclose(sum(p), 1.0, abs_tol=1e-5) for p in out["probabilities"])
+
+
+def test_deadlines(client, reference):
+    x = images(4, seed=1)
+    generous = assert_ok(client, x, {"ms": 2000})
+    assert generous["deadline_met"] is True and generous["elapsed_ms"] <= 2000
+    assert_matches(generous, reference, x, None)  # every step fits
+    tiny = assert_ok(client, x, {"ms": 0.001})  # the first step always runs; the deadline is reported missed
+    assert tiny["steps"] == [list(reference.steps[0])] and tiny["flops"] == reference.cumulative_flops[0]
+    assert tiny["deadline_met"] is False
+    for ms in (0.5, 2, 5, 50):
+        out = assert_ok(client, x, {"ms": ms})
+        n = len(out["steps"])
+        assert out["steps"] == [list(s) for s in reference.steps[:n]] and n >= 1
+        assert out["flops"] == reference.cumulative_flops[n - 1]
+        assert out["deadline_met"] == (out["elapsed_ms"] <= ms)
+
+
+# -- bad requests -----------------------------------------------------------------------------------------
+
+GOOD = images(1).tolist()
+
+
+def body(inputs=GOOD, budget=None, **extra):
+    return json.dumps({"inputs": inputs, "budget": budget, **extra}).encode()
+
+
+def raw_inputs(token):
+    """A body whose first pixel is the raw JSON token (NaN, Infinity, ... which json.dumps cannot write)."""
+    text = body()
+    first = json.dumps(GOOD[0][0][0][0])
+    return text.replace(first.encode(), token.encode(), 1)
+
+
+BAD = {
+    "malformed JSON": (b'{"inputs": [[[[0.1,', 400, "malformed JSON"),
+    "empty body": (b"", 400, "malformed JSON"),
+    "not an object": (b"[1, 2, 3]", 422, "must be a JSON object"),
+    "missing inputs": (b'{"budget": null}', 422, "inputs is required"),
+    "missing budget": (json.dumps({"inputs": GOOD}).encode(), 422, "budget is required"),
+    "unknown field": (body(extra=1), 422, "unknown field 'extra'"),
+    "3-d inputs": (body(GOOD[0]), 422, "nested lists shaped (N, 1, 8, 8)"),
+    "wrong channels": (body(images(1).expand(1, 3, 8, 8).tolist()), 422, "got (1, 3, 8, 8)"),
+    "wrong size": (body(torch.rand(1, 1, 7, 7).tolist()), 422, "got (1, 1, 7, 7)"),
+    "empty batch": (body([]), 422, "N >= 1"),
+    "ragged": (body([[[[0.1] * 8] * 7 + [[0.1] * 5]]]), 422, "unequal lengths"),
+    "string pixel": (raw_inputs('"0.5"'), 422, "inputs must be numbers"),
+    "bool pixel": (raw_inputs("true"), 422, "inputs must be numbers"),
+    "null pixel": (raw_inputs("null"), 422, "inputs must be numbers"),
+    "NaN": (raw_inputs("NaN"), 422, "finite"),
+    "Infinity": (raw_inputs("Infinity"), 422, "finite"),
+    "-Infinity": (raw_inputs("-Infinity"), 422, "finite"),
+    "1e999": (raw_inputs("1e999"), 422, "finite"),
+    "beyond float32": (raw_inputs("1e39"), 422, "finite"),
+    "out of range": (body((images(1) * 16).tolist()), 422, "must lie in [0, 1]"),
+    "too many images": (body(images(17).tolist()), 413, "limit is 16"),
+    "too large": (body(torch.rand(60, 1, 8, 8).tolist()), 413, "over the limit of 65,536 bytes"),
+    "budget not an object": (body(budget=5), 422, "budget must be"),
+    "budget list": (body(budget=[1]), 422, "budget must be"),
+    "empty budget": (body(budget={}), 422, "exactly one"),
+    "null flops": (body(budget={"flops": None}), 422, "exactly one"),
+    "both kinds": (body(budget={"flops": 1e7, "ms": 5}), 422, "exactly one"),
+    "unknown kind": (body(budget={"joules": 5}), 422, "unknown budget kind 'joules'"),
+    "negative flops": (body(budget={"flops": -5}), 422, "budget.flops must be > 0"),
+    "zero flops": (body(budget={"flops": 0}), 422, "budget.flops must be > 0"),
+    "zero ms": (body(budget={"ms": 0}), 422, "budget.ms must be > 0"),
+    "negative ms": (body(budget={"ms": -3.5}), 422, "budget.ms must be > 0"),
+    "string flops": (body(budget={"flops": "1e6"}), 422, "budget.flops must be a finite number"),
+    "bool ms": (body(budget={"ms": True}), 422, "budget.ms must be a finite number"),
+    "NaN ms": (b'{"inputs": ' + json.dumps(GOOD).encode() + b', "budget": {"ms": NaN}}', 422,
+               "budget.ms must be a finite number"),
+}
+
+
+def assert_error(r, status, text):
+    assert r.status_code == status, (r.status_code, r.text)
+    assert r.headers["content-type"].startswith("application/json")
+    detail = r.json()["detail"]
+    assert isinstance(detail, str) and text in detail, detail
+    assert "Traceback" not in r.text and "\n" not in detail
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_is_a_4xx_json_error_and_the_server_keeps_serving(client, case):
+    data, status, text = BAD[case]
+    assert_error(client.post("/predict", content=data, headers={"content-type": "application/json"}), status, text)
+    assert_ok(client)
+
+
+def test_flops_budget_below_the_first_step_names_the_minimum(client, reference):
+    r = post(client, images(1), {"flops": reference.min_flops - 1})
+    assert_error(r, 422, f"the minimum budget is {reference.min_flops:,} FLOPs per image")
+    assert_ok(client, budget={"flops": reference.min_flops})
+
+
+def test_oversized_streamed_body_without_content_length(client):
+    def chunks():
+        yield b'{"inputs": ['
+        for _ in range(100):
+            yield json.dumps(images(1).tolist()[0]).encode() + b","
+        yield b"[]], \"budget\": null}"
+
+    assert_error(client.post("/predict", content=chunks()), 413, "over the limit")
+    assert_ok(client)
+
+
+def test_wrong_route_and_method_are_json(client):
+    assert_error(client.get("/nowhere"), 404, "Not Found")
+    assert_error(client.get("/predict"), 405, "Method Not Allowed")
+    assert_ok(client)
+
+
+def test_internal_error_is_a_generic_500_and_the_server_recovers(client, service, monkeypatch):
+    def boom(*a, **k):
+        raise RuntimeError("secret internals")
+
+    monkeypatch.setattr(service.predictor, "predict", boom)
+    r = post(client, images(1), None)
+    assert_error(r, 500, "internal server error")
+    assert "secret" not in r.text
+    monkeypatch.undo()
+    assert_ok(client)
+
+
+# -- concurrency and micro-batching -----------------------------------------------------------------------
+
+
+async def _concurrent(url, requests):
+    async with httpx.AsyncClient(base_url=url, timeout=30) as c:
+        rs = await asyncio.gather(*[c.post("/predict", json={"inputs": x.tolist(), "budget": b})
+                                    for x, b in requests])
+    return rs
+
+
+def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(folder, reference):
+    service = AnytimeService.from_folder(folder, ServeSettings(batch_window_ms=50, max_batch_images=12))
+    mid = reference.cumulative_flops[2]
+    budgets = [None, {"flops": mid}, {"flops": reference.min_flops}, {"ms": 5000}]
+    requests = [(images(1 + i % 3, seed=i), budgets[i % len(budgets)]) for i in range(24)]
+    with serve_in_thread(create_app(service)) as url:
+        responses = asyncio.run(_concurrent(url, requests))
+    outs = [r.json() for r in responses]
+    assert all(r.status_code == 200 for r in responses), [r.text for r in responses if r.status_code != 200]
+    for (x, b), out in zip(requests, outs):
+        assert_matches(out, reference, x, None if b and "ms" in b else b)  # 5 s: every step fits
+        assert out["batch_images"] <= 12
+    assert any(out["batch_images"] > len(x) for (x, _), out in zip(requests, outs))
+    assert service.batcher.batches < len(requests)
+
+
+def test_batcher_groups_by_key_caps_images_and_survives_errors():
+    calls = []
+
+    def run(key, items):
+        calls.append((key, [len(it.x) for it in items]))
+        if key == "bad":
+            raise ValueError("bad batch")
+        return [(key, len(it.x)) for it in items]
+
+    async def main():
+        b = MicroBatcher(run, window_ms=30, max_images=5, max_pending=100)
+        jobs = [b.submit(k, torch.zeros(n, 1), 0.0) for k, n in
+                [("a", 2), ("b", 1), ("a", 2), ("a", 2), ("bad", 1), ("b", 3), ("c", 9)]]
+        out = await asyncio.gather(*jobs, return_exceptions=True)
+        late = await b.submit("a", torch.zeros(1, 1), 0.0, wait=False)
+        await b.aclose()
+        b.close()
+        return out, late
+
+    out, late = asyncio.run(main())
+    assert out[:4] == [("a", 2), ("b", 1), ("a", 2), ("a", 2)] and out[5:] == [("b", 3), ("c", 9)]
+    assert isinstance(out[4], ValueError) and late == ("a", 1)
+    assert calls[0] == ("a", [2, 2])  # capped at 5 images: the third "a" goes in a later batch
+    assert ("b", [1, 3]) in calls and ("c", [9]) in calls  # a single large request runs alone
+    assert all(sum(n) <= 5 for k, n in calls if k != "c")
+
+
+def test_batcher_waits_for_company_only_while_some_is_arriving():
+    arriving = [0]
+
+    async def main():
+        b = MicroBatcher(lambda k, items: [len(items)] * len(items), window_ms=2000, arriving=lambda: arriving[0])
+        t = time.perf_counter()
+        alone = await b.submit("a", torch.zeros(1, 1), 0.0)
+        waited_alone = time.perf_counter() - t
+        arriving[0] = 1  # a second request is being parsed: the first one waits for it
+        first = asyncio.ensure_future(b.submit("a", torch.zeros(1, 1), 0.0))
+        await asyncio.sleep(0.05)
+        arriving[0] = 0  # ... and submits (the service decrements before submitting)
+        t = time.perf_counter()
+        second = await b.submit("a", torch.zeros(1, 1), 0.0)
+        together = await first
+        assert time.perf_counter() - t < 1.0  # no waiting for the rest of the window
+        await b.aclose()
+        b.close()
+        return alone, waited_alone, together, second
+
+    alone, waited_alone, together, second = asyncio.run(main())
+    assert alone == 1 and waited_alone < 1.0
+    assert together == second == 2
+
+
+def test_batcher_refuses_beyond_max_pending():
+    async def main():
+        b = MicroBatcher(lambda k, items: [None] * len(items), window_ms=1000, max_pending=2)
+        first = [asyncio.ensure_future(b.submit("a", torch.zeros(1, 1), 0.0)) for _ in range(2)]
+        await asyncio.sleep(0.01)
+        with pytest.raises(QueueFull):
+            await b.submit("a", torch.zeros(1, 1), 0.0)
+        await b.aclose()
+        for f in first:
+            f.cancel()
+        b.close()
+
+    asyncio.run(main())
+
+
+# -- pieces -----------------------------------------------------------------------------------------------
+
+
+def test_serving_predictor_times_batches_by_bucket(exits_ckpt):
+    ckpt = load_anytime(exits_ckpt[1])
+    p = ServingPredictor(ckpt.model, ckpt.record, safety=1.5)
+    assert [p.bucket(n) for n in (1, 2, 3, 4, 5, 64, 65)] == [1, 2, 4, 4, 8, 64, 128]
+    times = p.calibrate(torch.rand(3, *SHAPE))
+    base = p._times[((4, *SHAPE), torch.float32, "cpu")]
+    assert times == [t * 1.5 for t in base] and len(times) == len(p.steps)
+    x = images(3)
+    ref = AnytimePredictor(ckpt.model, ckpt.record).predict(x, budget_flops=p.cumulative_flops[1])
+    got = p.predict(x, budget_flops=p.cumulative_flops[1])
+    assert got.steps == ref.steps and torch.equal(got.probs, ref.probs)
+
+
+def test_serving_predictor_estimates_grow_when_runs_are_slower_than_measured(exits_ckpt):
+    ckpt = load_anytime(exits_ckpt[1])
+    p = ServingPredictor(ckpt.model, ckpt.record, safety=1.0, window=8)
+    x = images(2)
+    base = p.calibrate(x)
+    assert p.slowdown == 1.0
+    for _ in range(8):  # the machine got 3x slower than at start-up
+        p.observe(x, len(p.steps), 3 * sum(base))
+    assert p.slowdown == pytest.approx(3.0)
+    assert p.calibrate(x) == pytest.approx([3 * t for t in base])
+    for _ in range(8):  # faster than measured never makes estimates smaller than measured
+        p.observe(x, len(p.steps), 0.1 * sum(base))
+    assert p.slowdown == 1.0
+    p.observe(torch.rand(1000, *SHAPE), 2, 1e6)  # an unmeasured bucket is ignored
+    assert p.slowdown == 1.0
+
+
+@pytest.mark.parametrize("kwargs, text", [
+    ({"max_images": 0}, "max_images must be >= 1"),
+    ({"batch_window_ms": -1.0}, "batch_window_ms must be a finite number >= 0"),
+    ({"deadline_safety": 0.5}, "deadline_safety must be >= 1"),
+    ({"input_range": (1.0, 0.0)}, "input_range"),
+])
+def test_settings_are_checked(kwargs, text):
+    with pytest.raises(SuperweightsError, match=text.replace("(", r"\(")):
+        ServeSettings(**kwargs)

@@ -1,0 +1,269 @@
+"""`superweights serve`: the CLI as a user runs it (subprocess, real port, real HTTP), MLflow model URIs, and
+Ray Serve answering exactly as uvicorn does (local testing mode; a real local Ray cluster is marked slow)."""
+
+import json
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from anytime.http_app import AnytimeService, ApiError, ServeSettings, create_app, serve_in_thread
+from anytime.predictor import AnytimePredictor
+from anytime.store import load_anytime
+from core.errors import SuperweightsError
+from ensemble.config import load_config
+from ensemble.training import fit
+from ray_jobs.model_uri import resolved_model
+from ray_jobs.serve import deployment
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIG = ['ensemble.members=["wrn-10-2","wrn-10-1"]', 'ensemble.exits="all"', "train.epochs=1",
+          "data.train_per_class=10"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """As `superweights serve` (--threads 1): on shared cores two spinning intra-op threads make every small
+    forward many times slower. Restored afterwards for the other test modules."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    out = tmp_path_factory.mktemp("serve-ckpt")
+    fit(load_config(None, CONFIG), out_dir=out, progress=False, log=lambda s: None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(ckpt):
+    return AnytimePredictor.from_checkpoint(load_anytime(ckpt))
+
+
+@pytest.fixture(scope="module")
+def uvicorn_url(ckpt):
+    with serve_in_thread(create_app(AnytimeService.from_folder(ckpt))) as url:
+        yield url
+
+
+def payload(n=3, budget=None, seed=0):
+    x = torch.rand(n, 1, 8, 8, generator=torch.Generator().manual_seed(seed))
+    return {"inputs": x.tolist(), "budget": budget}
+
+
+def cli(*args):
+    return [sys.executable, "-m", "ray_jobs.cli", "serve", *args]
+
+
+def one_line_error(p, text):
+    assert p.returncode == 2, (p.returncode, p.stderr)
+    lines = p.stderr.strip().splitlines()
+    assert "Traceback" not in p.stderr
+    assert lines[-1].startswith("superweights: error: ") and text in lines[-1], p.stderr
+    return lines[-1]
+
+
+def same_answer(a: dict, b: dict):
+    assert a["steps"] == b["steps"] and a["flops"] == b["flops"] and a["predictions"] == b["predictions"]
+    torch.testing.assert_close(torch.tensor(a["probabilities"]), torch.tensor(b["probabilities"]), atol=1e-5, rtol=0)
+
+
+# -- the CLI ----------------------------------------------------------------------------------------------
+
+
+def test_cli_serves_a_checkpoint_and_stops_on_sigterm(ckpt, reference):
+    proc = subprocess.Popen(cli(str(ckpt), "--port", "0"), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()  # "serving ... on http://127.0.0.1:PORT ..." once the model is loaded
+        m = re.search(r"on (http://127\.0\.0\.1:\d+)", line)
+        assert m, (line, proc.stderr.read() if proc.poll() is not None else "")
+        with httpx.Client(base_url=m.group(1), timeout=20) as c:
+            for _ in range(100):
+                try:
+                    if c.get("/health").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    time.sleep(0.1)
+            budget = reference.cumulative_flops[2]
+            r = c.post("/predict", json=payload(2, {"flops": budget}))
+            assert r.status_code == 200, r.text
+            ref = reference.predict(torch.tensor(payload(2)["inputs"]), budget_flops=budget)
+            assert r.json()["steps"] == [list(s) for s in ref.steps]
+            assert r.json()["predictions"] == ref.probs.argmax(-1).tolist()
+            bad = c.post("/predict", content=b"{nope")
+            assert bad.status_code == 400 and "Traceback" not in bad.text
+            assert c.post("/predict", json=payload(1)).status_code == 200
+        proc.send_signal(signal.SIGTERM)  # graceful stop, exit 0 (^C behaves the same)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+@pytest.mark.parametrize("args, text", [
+    (["{tmp}/nowhere"], "is neither a checkpoint folder nor an MLflow URI"),
+    (["s3://bucket/model"], "unsupported model URI 's3://bucket/model'"),
+    (["runs:/0123456789abcdef", "--tracking-uri", "sqlite:///{tmp}/none.db"], "no MLflow store at"),
+    (["models:/just-a-name", "--tracking-uri", "sqlite:///{tmp}/none.db"], "malformed model URI"),
+    (["runs:/", "--tracking-uri", "sqlite:///{tmp}/none.db"], "malformed run URI"),
+    (["{ckpt}", "--port", "{busy}"], "cannot listen on 127.0.0.1:{busy}"),
+    (["{ckpt}", "--max-body-mb", "0"], "--max-body-mb must be > 0"),
+    (["{ckpt}", "--max-images", "0"], "serve setting max_images must be >= 1"),
+    (["{ckpt}", "--device", "tpu"], "--device must be cpu or cuda"),
+    (["{ckpt}", "--ray", "--port", "0"], "--ray needs a fixed --port"),
+])
+def test_start_up_errors_are_one_line_exit_2(ckpt, tmp_path, capsys, args, text):
+    """In-process `main` (the subprocess path is shown with an unknown MLflow run below)."""
+    from ray_jobs.cli import main
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        fill = {"tmp": tmp_path, "ckpt": ckpt, "busy": busy.getsockname()[1]}
+        code = main(["serve", *(a.format(**fill) for a in args)])
+    err = capsys.readouterr().err
+    one_line_error(subprocess.CompletedProcess(args, code, "", err), text.format(**fill))
+
+
+# -- MLflow URIs ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def registry(ckpt, mlflow_uri):
+    """The session's SQLite MLflow store (conftest) with a run holding the checkpoint (as `train` logs it) and
+    a registered version of it with an alias."""
+    from mlflow import MlflowClient
+
+    from ray_jobs.tracking import RunLogger, start_run
+
+    run_id = start_run(mlflow_uri, experiment="serve-test", run_name="serve", params={}, tags={})
+    RunLogger(mlflow_uri, run_id).log_artifacts(ckpt, tuple(p.name for p in Path(ckpt).iterdir() if p.is_file()))
+    client = MlflowClient(tracking_uri=mlflow_uri, registry_uri=mlflow_uri)
+    client.create_registered_model("digits-anytime")
+    client.create_model_version("digits-anytime", source=f"runs:/{run_id}/checkpoint", run_id=run_id)
+    client.set_registered_model_alias("digits-anytime", "prod", "1")
+    return mlflow_uri, run_id
+
+
+def test_mlflow_uris_resolve_to_the_checkpoint(registry, ckpt, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # MLflow's own models:/ download would create ./mlflow.db: it must not be used
+    uri, run_id = registry
+    expected = {p.name: p.read_bytes() for p in Path(ckpt).iterdir() if p.is_file()}
+    for model in (f"runs:/{run_id}", f"runs:/{run_id}/checkpoint", "models:/digits-anytime/1",
+                  "models:/digits-anytime/latest", "models:/digits-anytime@prod"):
+        with resolved_model(model, uri) as folder:
+            got = {p.name: p.read_bytes() for p in folder.iterdir()}
+            assert got == expected, model
+        assert not folder.exists()  # the download lives only while the model loads
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("model, text", [
+    ("runs:/0123456789abcdef", "Run with id=0123456789abcdef not found"),
+    ("models:/no-such-model/1", "no-such-model"),
+    ("models:/digits-anytime/7", "version=7"),
+    ("models:/digits-anytime@nope", "alias nope"),
+])
+def test_unknown_mlflow_uris_are_one_line_errors(registry, model, text):
+    with pytest.raises(SuperweightsError, match="cannot download model") as e:
+        with resolved_model(model, registry[0]):
+            pass
+    assert text in str(e.value) and "\n" not in str(e.value)
+
+
+def test_cli_serves_a_registered_model_and_refuses_an_unknown_one(registry, reference):
+    uri = registry[0]
+    bad = subprocess.run(cli("runs:/feedfacefeedface", "--tracking-uri", uri), cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    one_line_error(bad, "cannot download model runs:/feedfacefeedface")
+    from ray_jobs.serve import load_service
+
+    service = load_service("models:/digits-anytime@prod", uri, ServeSettings())
+    assert service.model_info()["source"] == "models:/digits-anytime@prod"
+    assert service.predictor.steps == reference.steps
+
+
+# -- Ray Serve --------------------------------------------------------------------------------------------
+
+
+def test_ray_serve_local_testing_mode_answers_as_uvicorn(ckpt, uvicorn_url, reference):
+    from ray import serve
+
+    handle = serve.run(deployment(str(ckpt)), name="local-test",
+                       _local_testing_mode=True)
+    with httpx.Client(base_url=uvicorn_url, timeout=20) as c:
+        for budget in (None, {"flops": reference.cumulative_flops[1]}, {"flops": reference.cumulative_flops[3]}):
+            body = payload(3, budget, seed=7)
+            same_answer(handle.predict.remote(body).result(), c.post("/predict", json=body).json())
+        bad = payload(1, {"flops": 1})
+        with pytest.raises(ApiError) as e:
+            handle.predict.remote(bad).result()
+        assert e.value.status == 422 and e.value.message == c.post("/predict", json=bad).json()["detail"]
+        assert untimed(handle.model_info.remote().result()) == untimed(c.get("/model").json())
+
+
+def test_ray_cli_app_builder(ckpt):
+    """`serve run ray_jobs.serve:build_app model=... key=value`: string arguments, checked one-line errors."""
+    from ray import serve
+
+    from ray_jobs.serve import build_app
+
+    handle = serve.run(build_app({"model": str(ckpt), "replicas": "1", "max_images": "2", "batch_window_ms": "0",
+                                  "input_range": "null"}), name="builder-test", _local_testing_mode=True)
+    info = handle.model_info.remote().result()
+    assert info["limits"]["max_images"] == 2 and info["input_range"] is None
+    with pytest.raises(ApiError, match="limit is 2"):
+        handle.predict.remote(payload(3)).result()
+    with pytest.raises(SuperweightsError, match="unknown build_app arguments"):
+        build_app({"model": str(ckpt), "replica": "2"})
+    with pytest.raises(SuperweightsError, match="needs model="):
+        build_app({})
+
+
+def untimed(info: dict) -> dict:
+    """/model without the measured (machine-dependent) parts."""
+    return {**info, "budget": info["budget"]["flops"],
+            "schedule": [{k: v for k, v in s.items() if k != "estimated_ms"} for s in info["schedule"]]}
+
+
+@pytest.mark.slow
+def test_ray_serve_http_answers_as_uvicorn(ckpt, uvicorn_url, reference, ray_connected):
+    """The session's local Ray cluster (conftest) with the Serve HTTP proxy on a free loopback port."""
+    from ray import serve
+
+    from .conftest import free_port
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.run(deployment(str(ckpt), replicas=1, max_ongoing_requests=8), name="anytime", route_prefix="/")
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as ray_c, \
+                httpx.Client(base_url=uvicorn_url, timeout=30) as uv_c:
+            assert ray_c.get("/health").json()["status"] == "ok"
+            for budget in (None, {"flops": reference.cumulative_flops[2]}):
+                body = payload(2, budget, seed=3)
+                a, b = ray_c.post("/predict", json=body), uv_c.post("/predict", json=body)
+                assert a.status_code == b.status_code == 200
+                same_answer(a.json(), b.json())
+            for data in (b"{bad", json.dumps(payload(1, {"ms": -1})).encode(),
+                         json.dumps(payload(1, {"flops": 1})).encode()):
+                a, b = ray_c.post("/predict", content=data), uv_c.post("/predict", content=data)
+                assert (a.status_code, a.json()) == (b.status_code, b.json())
+            assert ray_c.post("/predict", json=payload(1)).status_code == 200  # still serving
+            timed = ray_c.post("/predict", json=payload(1, {"ms": 500})).json()
+            assert timed["deadline_met"] is True
+            assert ray_c.get("/openapi.json").json()["paths"].keys() == uv_c.get("/openapi.json").json()["paths"].keys()
+    finally:
+        serve.shutdown()
