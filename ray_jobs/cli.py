@@ -12,6 +12,8 @@ import sys
 
 from core.errors import SuperweightsError
 
+from .exit_codes import run_guarded
+
 DESCRIPTION = """One shared SuperWeight bank generates the weights of several heterogeneous networks
 (an ensemble) under an exact parameter budget. Configs are TOML files (see configs/); any key can be
 overridden with --set section.key=value (TOML values: --set bank.budget=0.25,
@@ -216,14 +218,7 @@ COMMANDS = {"plan": cmd_plan, "train": cmd_train, "models": cmd_models, "evaluat
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return COMMANDS[args.command](args)
-    except SuperweightsError as e:
-        print(f"superweights: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("superweights: interrupted", file=sys.stderr)
-        return 130
+    return run_guarded(lambda: COMMANDS[args.command](args))
 
 
 if __name__ == "__main__":

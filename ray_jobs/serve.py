@@ -30,6 +30,7 @@ from dataclasses import asdict, fields
 
 from core.errors import SuperweightsError
 
+from .exit_codes import run_guarded
 from .model_uri import resolved_model
 
 DEFAULT_PORT = 8000
@@ -275,14 +276,7 @@ def main(argv: list[str] | None = None) -> int:
                                      description="Serve anytime predictions over HTTP (uvicorn or Ray Serve).")
     add_serve_arguments(parser)
     args = parser.parse_args(argv)
-    try:
-        return run_from_args(args, log=lambda s: print(s, flush=True))
-    except SuperweightsError as e:
-        print(f"superweights: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("superweights: interrupted", file=sys.stderr)
-        return 130
+    return run_guarded(lambda: run_from_args(args, log=lambda s: print(s, flush=True)))
 
 
 if __name__ == "__main__":

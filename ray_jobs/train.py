@@ -14,9 +14,8 @@ import dataclasses
 import signal
 import sys
 
-from core.errors import SuperweightsError
-
 from .driver import RayOptions
+from .exit_codes import run_guarded
 
 _D = RayOptions()
 
@@ -112,14 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     add_train_arguments(parser)
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, _sigterm)
-    try:
-        return run_from_args(args, log=lambda s: print(s, flush=True))
-    except SuperweightsError as e:
-        print(f"superweights: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("superweights: interrupted", file=sys.stderr)
-        return 130
+    return run_guarded(lambda: run_from_args(args, log=lambda s: print(s, flush=True)))
 
 
 if __name__ == "__main__":
