@@ -14,7 +14,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .plan import Plan
+from .plan import Plan, SlotSpec
 
 
 class SuperWeightBank(nn.Module):
@@ -110,20 +110,21 @@ class SuperWeightBank(nn.Module):
             alpha /= alpha.norm(dim=1, keepdim=True).clamp_min(1e-12)
             self.block_coefficients(b.id).copy_(alpha)
         self.gains.fill_(1.0)
-        self.gains.copy_(self._he_gains(self.raw_weights()))
+        self.gains.copy_(he_gains(self.plan.slots, self.raw_weights()))
 
-    def _he_gains(self, raw: list[Tensor]) -> Tensor:
-        """target / realised std of the composed weight.
 
-        Measured, not derived: with tiled templates (P_b < size) a slot holds few distinct random
-        values, so its realised spread can be far from the expected one; measuring makes the init
-        exactly He at every budget. A constant weight (a single block with P_b = 1, only near the
-        minimum budget) has no spread to normalise; it keeps gain = target so slots still differ
-        through their coefficients instead of collapsing to +-target.
-        """
-        gains = []
-        for spec, w in zip(self.plan.slots, raw):
-            target = math.sqrt(2.0 / spec.fan_in)
-            spread = float(w.double().std(correction=0)) if w.numel() > 1 else 0.0
-            gains.append(target / spread if spread > 1e-12 else target)
-        return torch.tensor(gains, dtype=self.gains.dtype)
+def he_gains(slots: list[SlotSpec], raw: list[Tensor]) -> Tensor:
+    """Per slot, target / realised std of the composed weight (target = sqrt(2 / fan_in)).
+
+    Measured, not derived: with tiled templates (P_b < size) a slot holds few distinct random
+    values, so its realised spread can be far from the expected one; measuring makes the init
+    exactly He at every budget. A constant weight (a single block with P_b = 1, only near the
+    minimum budget) has no spread to normalise; it keeps gain = target so slots still differ
+    through their coefficients instead of collapsing to +-target. Shared by every bank kind.
+    """
+    gains = []
+    for spec, w in zip(slots, raw):
+        target = math.sqrt(2.0 / spec.fan_in)
+        spread = float(w.double().std(correction=0)) if w.numel() > 1 else 0.0
+        gains.append(target / spread if spread > 1e-12 else target)
+    return torch.tensor(gains, dtype=torch.float32)

@@ -56,6 +56,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .allocation import largest_remainder
+from .bank import he_gains
 from .errors import BudgetTooSmallError, SuperweightsError
 from .plan import SlotSpec, depth_bin_assignment, resolve_budget
 
@@ -373,16 +374,7 @@ class SSNBank(nn.Module):
                     v = torch.randn(lay.templates, generator=generator)
                     c.copy_(v / v.norm().clamp_min(1e-12))
         self.gains.fill_(1.0)
-        self.gains.copy_(self._he_gains(self.raw_weights()))
-
-    def _he_gains(self, raw: list[Tensor]) -> Tensor:
-        """target / realised std (measured, exact He at every budget); a constant weight keeps gain = target."""
-        gains = []
-        for spec, w in zip(self.plan.slots, raw):
-            target = math.sqrt(2.0 / spec.fan_in)
-            spread = float(w.double().std(correction=0)) if w.numel() > 1 else 0.0
-            gains.append(target / spread if spread > 1e-12 else target)
-        return torch.tensor(gains, dtype=self.gains.dtype)
+        self.gains.copy_(he_gains(self.plan.slots, self.raw_weights()))
 
     def slot_coefficients(self, slot: int) -> Tensor:
         """The slot's wavg coefficients or masks (a view of the flat vector)."""
