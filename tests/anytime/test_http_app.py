@@ -21,14 +21,7 @@ SETTINGS = ServeSettings(max_body_bytes=2**16, max_images=16, max_batch_images=1
 SHAPE = (1, 8, 8)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """As `superweights serve` (--threads 1): on shared cores two spinning intra-op threads make every small
-    forward many times slower. Restored afterwards for the other test modules."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py, as `serve --threads 1`
 
 
 @pytest.fixture(scope="module")

@@ -28,14 +28,7 @@ CONFIG = ['ensemble.members=["wrn-10-2","wrn-10-1"]', 'ensemble.exits="all"', "t
           "data.train_per_class=10"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """As `superweights serve` (--threads 1): on shared cores two spinning intra-op threads make every small
-    forward many times slower. Restored afterwards for the other test modules."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py, as `serve --threads 1`
 
 
 @pytest.fixture(scope="module")
