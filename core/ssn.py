@@ -36,7 +36,8 @@ Deliberate differences from the authors' code (DESIGN.md lists the defects to av
   (j * P_g // n_g for the j-th of n_g slots), so two same-shape slots of a group differ. `mask` keeps
   phase 0 (copy 0 *is* theta_g, the method's definition); its slots differ through their masks.
 
-Initialisation: theta ~ N(0, 1); wavg coefficients are random unit vectors (or all 1/sqrt(K) with
+Initialisation: theta_g ~ N(0, c_g^2), c_g the RMS He std of the group's slots (core.bank.template_scales
+says why: the storage scale is the SGD learning rate); wavg coefficients are random unit vectors (or all 1/sqrt(K) with
 `coef_init="uniform"`, used by the learned-groups probe so coefficients only differ by what training
 taught them); masks start at 1; a fixed (not trained) per-slot gain, measured on the composed weight
 at init, makes every slot's std exactly sqrt(2 / fan_in) (He), as in core/bank.py.
@@ -56,7 +57,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .allocation import largest_remainder
-from .bank import he_gains
+from .bank import he_gains, scale_segments, template_scales
 from .errors import BudgetTooSmallError, SuperweightsError
 from .plan import SlotSpec, depth_bin_assignment, resolve_budget
 
@@ -361,8 +362,10 @@ class SSNBank(nn.Module):
     # -- initialisation ----------------------------------------------------------------------
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        """theta ~ N(0,1); wavg coefficients unit-norm (random or uniform); masks 1; He gains measured."""
+        """theta_g ~ N(0, c_g^2) (core.bank.template_scales: the slots' RMS He std, so SGD moves generated
+        weights like ordinary ones); wavg coefficients unit-norm (random or uniform); masks 1; He gains measured."""
         self.bank.normal_(0.0, 1.0, generator=generator)
+        scale_segments(self.bank, self._group_sizes, template_scales(self.plan.slots, [g.slots for g in self.plan.groups]))
         coefs = torch.split(self.coefficients, self._coef_sizes)
         for lay, c in zip(self.plan.slot_layout, coefs):
             if lay.mode == "mask":

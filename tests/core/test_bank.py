@@ -48,12 +48,37 @@ def test_composed_weights_have_he_std(slots, budget):
             assert w.std().item() == pytest.approx(math.sqrt(2 / spec.fan_in), rel=0.10)
 
 
-def test_templates_are_standard_normal_and_coefficients_unit_norm(slots):
+def test_templates_are_normal_at_the_he_scale_of_their_slots_and_coefficients_unit_norm(slots):
     bank = make_bank(slots, 1.0)
-    assert bank.bank.std().item() == pytest.approx(1.0, rel=0.05)
-    for b in bank.plan.blocks:
+    plan = bank.plan
+    for b in plan.blocks:
+        users = [i for i in range(len(plan.slots)) if any(b.id in row for row in plan.slot_cells(i))]
+        rms_he = math.sqrt(sum(2 / plan.slots[i].fan_in for i in users) / len(users))
+        theta = bank.bank[b.offset : b.offset + b.params]
+        if b.params >= 2000:
+            assert theta.std().item() == pytest.approx(rms_he, rel=0.1)
         norms = bank.block_coefficients(b.id).norm(dim=1)
         assert torch.allclose(norms, torch.ones_like(norms), atol=1e-6)
+    # so the fixed gains are ~1 and the bank trains at the network's learning rate (template_scales)
+    assert bank.gains.min().item() > 0.7 and bank.gains.max().item() < 1.4
+
+
+def test_one_sgd_step_moves_a_generated_weight_like_an_ordinary_weight():
+    """The storage scale of a parameter is its SGD learning rate: a slot generated from its own block moves
+    by ~ -lr * grad, as an ordinary weight does (with N(0, 1) templates it moved gain^2 ~ 2/fan_in times less)."""
+    from core.plan import SlotSpec
+
+    spec = SlotSpec(0, "conv", "conv3x3", (64, 64, 3, 3))
+    bank = make_bank([spec], 2.0)  # high budget: disjoint template windows
+    w0 = bank()[0].detach().clone()
+    direction = torch.randn(spec.shape, generator=torch.Generator().manual_seed(3))
+    (bank()[0] * direction).sum().backward()  # dL/dW = direction
+    lr = 0.01
+    with torch.no_grad():
+        bank.bank -= lr * bank.bank.grad
+    moved = bank()[0].detach() - w0
+    ratio = (moved * -direction).sum() / (lr * direction.pow(2).sum())
+    assert ratio.item() == pytest.approx(1.0, rel=0.15)
 
 
 @pytest.mark.parametrize("budget", ["min", 0.01, 1.0])
