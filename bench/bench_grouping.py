@@ -36,6 +36,7 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--set", dest="overrides", action="append", default=[], help="extra config overrides")
     p.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
+    p.add_argument("--section", default="grouping", help="BENCHMARKS.md section to write (one per protocol)")
     args = p.parse_args(argv)
     rows = []
     for name, extra in VARIANTS.items():
@@ -52,17 +53,19 @@ def main(argv=None):
                   f"unshared pairs {pairs[-1]}", flush=True)
         rows.append(f"| {name} | {statistics.mean(acc):.4f} +- {sd(acc):.4f} | {statistics.mean(dis):.4f} +- {sd(dis):.4f} "
                     f"| {statistics.mean(groups):.1f} | {statistics.mean(pairs):.1f} |")
-    body = f"""## Results: depth vs gradient grouping, coefficient unsharing (digits, {args.seeds} seeds)
+    command = " ".join(["python bench/bench_grouping.py", *(argv if argv is not None else sys.argv[1:])])
+    split = ", ".join(args.overrides) if args.overrides else "full digits split"
+    body = f"""## Results: depth vs gradient grouping, coefficient unsharing (digits, {args.seeds} seeds, {split})
 
-Command: `python bench/bench_grouping.py --seeds {args.seeds} --write` (configs/digits.toml members, full digits split,
-15 epochs, test split; mean +- std over seeds `train.seed=0..{args.seeds - 1}`; grouping.threshold 0.05).
+Command: `{command}` (configs/digits.toml members, 15 epochs, test split; mean +- std over seeds
+`train.seed=0..{args.seeds - 1}`; grouping.threshold 0.05; extra overrides: {split}).
 
 | variant | ensemble accuracy | member disagreement | groups | slot pairs unshared |
 |---|---|---|---|---|
 """ + "\n".join(rows)
     print(body)
     if args.write:
-        write_section("grouping", body)
+        write_section(args.section, body)
 
 
 if __name__ == "__main__":

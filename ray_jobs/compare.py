@@ -16,6 +16,7 @@ import hashlib
 import json
 import statistics
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from pathlib import Path
 from core.errors import SuperweightsError
 from ensemble.config import Config, load_config
 
+from .compare_plots import plot_accuracy_vs_params, plot_anytime_panels
 from .tracking import RunLogger, check_tracking_uri, default_tracking_uri, end_run, plan_params, start_run
 
 KIND_TAG = "superweights.kind"
@@ -83,8 +85,8 @@ def _finished_runs(uri: str, experiment: str):
                               "and attributes.status = 'FINISHED'", output_format="pandas")
 
 
-def run_child(child: Child, uri: str, experiment: str, parent_id: str) -> str:
-    """Train, evaluate along the anytime schedule, log everything; returns the run id."""
+def run_child(child: Child, uri: str, experiment: str, parent_id: str) -> dict:
+    """Train, evaluate along the anytime schedule, log everything; returns the run id and test accuracy."""
     from anytime.evaluate import run_evaluation
     from ensemble.data import load_data
     from ensemble.planning import plan_summary
@@ -121,7 +123,7 @@ def run_child(child: Child, uri: str, experiment: str, parent_id: str) -> str:
         end_run(uri, run_id, "FAILED")
         raise
     end_run(uri, run_id, "FINISHED")
-    return run_id
+    return {"run_id": run_id, "accuracy": result.metrics["ensemble"]["accuracy"]}
 
 
 def build_report(uri: str, experiment: str, settings: set[str] | None = None) -> dict:
@@ -143,7 +145,7 @@ def build_report(uri: str, experiment: str, settings: set[str] | None = None) ->
         groups.setdefault((r[f"tags.{VARIANT_TAG}"], float(budget) if budget else None), []).append(r)
     full_params = [float(r["metrics.total_params"]) for (v, _), rs in groups.items() if v == "full" for r in rs]
     reference = full_params[0] if full_params else None
-    rows, curves = [], {}
+    rows, curves = [], []
     for (variant, budget), rs in sorted(groups.items(), key=lambda kv: (_order(kv[0][0]), kv[0][1] or 0.0)):
         def stat(key, rs=rs):
             values = [float(r[f"metrics.{key}"]) for r in rs]
@@ -161,10 +163,9 @@ def build_report(uri: str, experiment: str, settings: set[str] | None = None) ->
         first = min(rs, key=lambda r: int(r["tags.seed"]))
         acc_hist = client.get_metric_history(first["run_id"], "anytime_accuracy")
         flop_hist = client.get_metric_history(first["run_id"], "anytime_flops")
-        curves[f"{variant}" + ("" if budget is None else f" {budget}")] = (
-            [m.value for m in sorted(flop_hist, key=lambda m: m.step)],
-            [m.value for m in sorted(acc_hist, key=lambda m: m.step)],
-        )
+        curves.append({"variant": variant, "budget": budget,
+                       "flops": [m.value for m in sorted(flop_hist, key=lambda m: m.step)],
+                       "accuracy": [m.value for m in sorted(acc_hist, key=lambda m: m.step)]})
     return {"rows": rows, "curves": curves, "reference_params": reference}
 
 
@@ -188,11 +189,6 @@ def format_markdown(report: dict) -> str:
 def write_report(report: dict, out: Path) -> list[Path]:
     import csv
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "comparison.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS)
@@ -201,38 +197,8 @@ def write_report(report: dict, out: Path) -> list[Path]:
     (out / "comparison.md").write_text(format_markdown(report) + "\n")
     (out / "comparison.json").write_text(json.dumps(report["rows"], indent=2) + "\n")
 
-    fig, ax = plt.subplots(figsize=(7.5, 5))
-    by_method: dict[str, list] = {}
-    for r in report["rows"]:
-        by_method.setdefault(r["method"] if not r["method"].startswith("member ") else "members alone", []).append(r)
-    for method, rs in by_method.items():
-        if method == "full":
-            ax.axhline(rs[0]["accuracy_mean"], color="black", ls="--", lw=1, label="full ensemble (reference)")
-        rs = sorted(rs, key=lambda r: r["total_params"])
-        ax.errorbar([r["total_params"] for r in rs], [r["accuracy_mean"] for r in rs], yerr=[r["accuracy_std"] for r in rs],
-                    marker="o", capsize=3, ls="-" if method not in ("full", "members alone") else "none", label=method)
-    ax.set_xscale("log")
-    ax.set_xlabel("total trainable parameters (log scale)")
-    ax.set_ylabel("ensemble test accuracy")
-    ax.set_title("Accuracy vs parameters")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "accuracy_vs_params.png", dpi=120)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(7.5, 5))
-    for label, (flops, acc) in report["curves"].items():
-        if flops:
-            ax.step([f / 1e6 for f in flops], acc, where="post", marker=".", label=label)
-    ax.set_xlabel("cumulative MFLOPs per image")
-    ax.set_ylabel("test accuracy")
-    ax.set_title("Anytime curves (seed 0)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "anytime_overlay.png", dpi=120)
-    plt.close(fig)
+    plot_accuracy_vs_params(report, out / "accuracy_vs_params.png")
+    plot_anytime_panels(report, out / "anytime_overlay.png")
     return [out / n for n in ("comparison.csv", "comparison.md", "comparison.json", "accuracy_vs_params.png",
                               "anytime_overlay.png")]
 
@@ -252,9 +218,11 @@ def compare(config_path: str | None, overrides: list[str], budgets: list[float],
             if child.settings in done:
                 log(f"{label} seed {child.seed}: reused a finished run")
                 continue
-            run_child(child, uri, experiment, parent)
+            start = time.perf_counter()
+            finished_child = run_child(child, uri, experiment, parent)
             done.add(child.settings)
-            log(f"{label} seed {child.seed}: done")
+            log(f"{label} seed {child.seed}: done, test accuracy {finished_child['accuracy']:.4f} "
+                f"({time.perf_counter() - start:.0f} s)")
         report = build_report(uri, experiment, {c.settings for c in children})
         files = write_report(report, out)
         logger = RunLogger(uri, parent)
