@@ -174,6 +174,8 @@ def ssn_summary(plan: SSNPlan, member_names: list[str]) -> dict:
         "coefficient_params": plan.coefficient_params,
         "mask_params": plan.mask_params,
         "upsample": plan.upsample,
+        # 0 means every slot is a wavg slot (high budgets): then repeat, mask and inter are the same model
+        "upsampled_slots": sum(lay.mode != "wavg" for lay in plan.slot_layout),
         "groups": [
             {
                 "id": g.id,

@@ -132,7 +132,7 @@ def _one_line(e: BaseException) -> str:
 def plan_params(summary: dict, labels: list[str]) -> dict:
     """Plan summary as `plan.*` params: parameter counts and, per member, its parameters and FLOPs/image."""
     out = {f"plan.{k}": summary[k] for k in ("budget", "bank_params", "coefficient_params", "private_params",
-                                             "total_params", "full_ensemble_params") if k in summary}
+                                             "total_params", "full_ensemble_params", "upsampled_slots") if k in summary}
     for label, m in zip(labels, summary["members"]):
         out[f"plan.flops.{_metric_key(label)}"] = m["flops"]
         out[f"plan.params.{_metric_key(label)}"] = m["params"]

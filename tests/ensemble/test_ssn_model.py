@@ -104,3 +104,20 @@ def test_learned_groups_are_deterministic_and_cover_every_slot(config):
     assert plan.slot_group == first and plan.budget == round(0.3 * sum(s.numel for s in plan.slots))
     model = build_ssn_ensemble(config, DIGITS, "mask", "learned", n_groups=3, groups=first)
     assert isinstance(model, SSNEnsemble) and model.plan == plan
+
+
+def test_summary_counts_upsampled_slots_and_high_budgets_upsample_none():
+    """At budgets where every group holds at least each of its slots, no slot is upsampled: repeat, mask and
+    inter then build the same model (the comparison reports them as one), and the summary says so."""
+    from ensemble.planning import plan_summary
+
+    def summary(budget, upsample):
+        return plan_summary(cfg(MEMBERS, 'bank.method="ssn"', f"bank.budget={budget}", f'bank.upsample="{upsample}"'),
+                            DIGITS)
+
+    low = summary(0.02, "repeat")
+    modes = [s["mode"] for g in low["groups"] for s in g["slots"]]
+    assert low["upsampled_slots"] == sum(m != "wavg" for m in modes) > 0
+    high = [summary(1.0, u) for u in ("repeat", "mask", "inter")]
+    assert [h["upsampled_slots"] for h in high] == [0, 0, 0]
+    assert high[0]["groups"] == high[1]["groups"] == high[2]["groups"]
