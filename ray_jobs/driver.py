@@ -118,16 +118,23 @@ def check_ray_address(address: str, timeout: float = 3.0) -> None:
         ) from None
 
 
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"  # Ray Train V2 controller flag
+
+
 def _init_ray(address: str, log: Callable[[str], None]) -> bool:
     """Connect to / start Ray; True when this call started it (and should shut it down)."""
     import ray
 
     if ray.is_initialized():
         return False
-    env = {"env_vars": {"RAY_AUTH_MODE": os.environ["RAY_AUTH_MODE"]}} if "RAY_AUTH_MODE" in os.environ else None
+    env_vars = {"RAY_AUTH_MODE": os.environ["RAY_AUTH_MODE"]} if "RAY_AUTH_MODE" in os.environ else {}
+    if not address:
+        # A one-machine Ray has no node that can be drained, so Ray Train's preemption watcher has nothing to
+        # watch; its actor only prints an `E core_worker ... max_restarts` line into every local run.
+        env_vars.setdefault(PREEMPTION_WATCHER_ENV, os.environ.get(PREEMPTION_WATCHER_ENV, "0"))
     kwargs = {"logging_level": logging.WARNING, "configure_logging": True}
-    if env:
-        kwargs["runtime_env"] = env
+    if env_vars:
+        kwargs["runtime_env"] = {"env_vars": env_vars}
     if address:
         ray.init(address=address, **kwargs)
     else:
