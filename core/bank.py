@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from .plan import Plan, SlotSpec
+from .windows import cyclic_windows
 
 
 class SuperWeightBank(nn.Module):
@@ -54,11 +55,7 @@ class SuperWeightBank(nn.Module):
     @staticmethod
     def _windows(theta: Tensor, b) -> Tensor:
         """[K_b, size_b]: template k = cyclic window of theta_b starting at k * P_b / K_b."""
-        starts = b.window_starts()
-        need = starts[-1] + b.size
-        if need > b.params:  # some window wraps around: extend theta cyclically (only what is read)
-            theta = theta.repeat(-(-need // b.params))[:need]
-        return torch.stack([theta[s : s + b.size] for s in starts])
+        return cyclic_windows(theta, b.window_starts(), b.size)
 
     def templates(self, block_id: int) -> Tensor:
         b = self.plan.blocks[block_id]
