@@ -128,24 +128,45 @@ def _init_ray(address: str, log: Callable[[str], None]) -> bool:
     if ray.is_initialized():
         return False
     env_vars = {"RAY_AUTH_MODE": os.environ["RAY_AUTH_MODE"]} if "RAY_AUTH_MODE" in os.environ else {}
-    if not address:
-        # A one-machine Ray has no node that can be drained, so Ray Train's preemption watcher has nothing to
-        # watch; its actor only prints an `E core_worker ... max_restarts` line into every local run.
-        env_vars.setdefault(PREEMPTION_WATCHER_ENV, os.environ.get(PREEMPTION_WATCHER_ENV, "0"))
     kwargs = {"logging_level": logging.WARNING, "configure_logging": True}
-    if env_vars:
-        kwargs["runtime_env"] = {"env_vars": env_vars}
     if address:
+        if env_vars:
+            kwargs["runtime_env"] = {"env_vars": env_vars}
         ray.init(address=address, **kwargs)
-    else:
-        log("starting a local Ray instance ...")
+        return True
+    log("starting a local Ray instance ...")
+    # A one-machine Ray has no node that can be drained, so Ray Train's preemption watcher has nothing to
+    # watch; its actor only prints an `E core_worker ... max_restarts` line into every local run.
+    env_vars.setdefault(PREEMPTION_WATCHER_ENV, os.environ.get(PREEMPTION_WATCHER_ENV, "0"))
+    # Ray Train's placement-group cleaner finds "its" cluster by auto-detection, which raises (a traceback
+    # in its thread) when another Ray runs on this machine. Our instance on a port we chose, named in
+    # RAY_ADDRESS for every process of this job, makes auto-detection find exactly this one. Loopback only.
+    port = _free_loopback_port()
+    env_vars["RAY_ADDRESS"] = f"127.0.0.1:{port}"
+    previous = os.environ.get(GCS_PORT_ENV)
+    os.environ[GCS_PORT_ENV] = str(port)  # read once, when the head node starts
+    try:
         # "local": always a new instance. A bare ray.init() would join whatever cluster another session on
         # this machine started (its address is in /tmp/ray/ray_current_cluster), even a dead one.
         # No dashboard (start-up time, memory), hence no state API: Ray Train's placement-group cleaner then
         # warns every second that it cannot query it. Ray's own log level ERROR for this job's processes.
-        ray.init(address="local", include_dashboard=False, logging_config=ray.LoggingConfig(log_level="ERROR"),
-                 **kwargs)
+        ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1",
+                 logging_config=ray.LoggingConfig(log_level="ERROR"), runtime_env={"env_vars": env_vars}, **kwargs)
+    finally:
+        if previous is None:
+            os.environ.pop(GCS_PORT_ENV, None)
+        else:
+            os.environ[GCS_PORT_ENV] = previous
     return True
+
+
+GCS_PORT_ENV = "RAY_GCS_SERVER_PORT"
+
+
+def _free_loopback_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _cluster_check(workers: int, use_gpu: bool) -> None:
