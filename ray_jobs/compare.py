@@ -55,6 +55,12 @@ def plan_children(base_path: str | None, overrides: list[str], budgets: list[flo
         raise SuperweightsError(f"--seeds must be >= 1, got {seeds}")
     base = load_config(base_path, overrides)
     protocol = DIGITS_PROTOCOL if base.data.name == "digits" and base.data.train_per_class == 0 else []
+    ssn = [m for m in methods if m.startswith("ssn-")]
+    # Per budget, the SSN variants to train: where the plan upsamples no slot (every group holds at least
+    # each of its slots, budget ~0.5 and up on the digits members) repeat, mask and inter are one model,
+    # trained once as "ssn-wavg" instead of three times under three names.
+    ssn_variants = {b: _ssn_variants(load_config(base_path, [*protocol, *overrides, "bank.method=ssn",
+                                                            f"bank.budget={float(b)}"]), ssn) for b in budgets}
     children = []
     for seed in range(seeds):
         def make(variant, budget, extra, seed=seed):
@@ -63,15 +69,29 @@ def plan_children(base_path: str | None, overrides: list[str], budgets: list[flo
         for b in budgets:
             if "superweights" in methods:
                 make("superweights", b, ["bank.method=superweights", f"bank.budget={float(b)}"])
-            for m in methods:
-                if m.startswith("ssn-"):
-                    make(m, b, ["bank.method=ssn", f"bank.upsample={m[4:]}", f"bank.budget={float(b)}"])
+            for m in ssn_variants[b]:
+                upsample = "repeat" if m == WAVG_ONLY else m[4:]  # any upsampler: none is used
+                make(m, b, ["bank.method=ssn", f"bank.upsample={upsample}", f"bank.budget={float(b)}"])
         if "full" in methods:
             make("full", None, ["bank.method=full"])
         if "members" in methods:
             for name in base.ensemble.members:
                 make(f"member {name}", None, ["bank.method=full", f'ensemble.members=["{name}"]'])
     return children
+
+
+WAVG_ONLY = "ssn-wavg"
+
+
+def _ssn_variants(config: Config, asked: list[str]) -> list[str]:
+    """The asked SSN variants, or ["ssn-wavg"] when more than one was asked and the plan upsamples no slot.
+    Learned groups are only known after pre-training, so they always keep every variant."""
+    if len(asked) < 2 or config.bank.ssn_groups == "learned":
+        return asked
+    from ensemble.data import dataset_info
+    from ensemble.planning import plan_summary
+
+    return [WAVG_ONLY] if plan_summary(config, dataset_info(config.data))["upsampled_slots"] == 0 else asked
 
 
 def _finished_runs(uri: str, experiment: str):
@@ -126,8 +146,11 @@ def run_child(child: Child, uri: str, experiment: str, parent_id: str) -> dict:
     return {"run_id": run_id, "accuracy": result.metrics["ensemble"]["accuracy"]}
 
 
-def build_report(uri: str, experiment: str, settings: set[str] | None = None) -> dict:
-    """The comparison table and curves from MLflow alone (the latest FINISHED run per settings)."""
+def build_report(uri: str, experiment: str, settings: dict[str, str] | None = None) -> dict:
+    """The comparison table and curves from MLflow alone (the latest FINISHED run per settings).
+
+    `settings`: only these runs (settings hash -> table label, the launch's current names; a run reused
+    from an older launch may carry another variant tag for the same model); None = every run, by its tag."""
     runs = _finished_runs(uri, experiment)
     if runs is None or runs.empty:
         raise SuperweightsError(f"no finished comparison runs in MLflow experiment {experiment!r} at {uri}")
@@ -142,7 +165,8 @@ def build_report(uri: str, experiment: str, settings: set[str] | None = None) ->
     groups: dict[tuple, list] = {}
     for r in latest.values():
         budget = r["tags.budget_ratio"]
-        groups.setdefault((r[f"tags.{VARIANT_TAG}"], float(budget) if budget else None), []).append(r)
+        label = settings[r[f"tags.{SETTINGS_TAG}"]] if settings is not None else r[f"tags.{VARIANT_TAG}"]
+        groups.setdefault((label, float(budget) if budget else None), []).append(r)
     full_params = [float(r["metrics.total_params"]) for (v, _), rs in groups.items() if v == "full" for r in rs]
     reference = full_params[0] if full_params else None
     rows, curves = [], []
@@ -223,7 +247,7 @@ def compare(config_path: str | None, overrides: list[str], budgets: list[float],
             done.add(child.settings)
             log(f"{label} seed {child.seed}: done, test accuracy {finished_child['accuracy']:.4f} "
                 f"({time.perf_counter() - start:.0f} s)")
-        report = build_report(uri, experiment, {c.settings for c in children})
+        report = build_report(uri, experiment, {c.settings: c.variant for c in children})
         files = write_report(report, out)
         logger = RunLogger(uri, parent)
         for f in files:

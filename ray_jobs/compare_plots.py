@@ -25,7 +25,7 @@ def family(method: str) -> str:
 
 def plot_accuracy_vs_params(report: dict, path: Path) -> None:
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(8, 5.2))
+    fig, ax = plt.subplots(figsize=(9.5, 5.2))
     by_family: dict[str, list] = {}
     for r in report["rows"]:
         by_family.setdefault(family(r["method"]), []).append(r)
@@ -45,7 +45,7 @@ def plot_accuracy_vs_params(report: dict, path: Path) -> None:
         top = ax.secondary_xaxis("top", functions=(lambda p: 100 * p / reference, lambda q: q * reference / 100))
         top.set_xlabel("% of the full ensemble's parameters")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: points sit everywhere
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
