@@ -60,6 +60,7 @@ from .allocation import largest_remainder
 from .bank import he_gains, scale_segments, template_scales
 from .errors import BudgetTooSmallError, SuperweightsError
 from .plan import SlotSpec, depth_bin_assignment, resolve_budget
+from .windows import cyclic
 
 UPSAMPLERS = ("repeat", "mask", "inter")
 GROUP_MODES = ("one", "depth", "learned")
@@ -280,15 +281,6 @@ def _lift_until_covered(p: int, sizes: dict[int, int], templates: dict[int, int]
 
 
 # -- bank ----------------------------------------------------------------------------------------
-
-
-def cyclic(theta: Tensor, start: int, length: int) -> Tensor:
-    """Entries start, start+1, ... (mod len(theta)) of a 1-D tensor: a view when nothing wraps."""
-    p = theta.numel()
-    start %= p
-    if start + length <= p:
-        return theta[start : start + length]
-    return theta.repeat(-(-(start + length) // p))[start : start + length]
 
 
 def inter_upsample(small: Tensor, shape: tuple[int, ...]) -> Tensor:

@@ -13,8 +13,10 @@ import torch
 from torch import Tensor
 
 
-def _cyclic(theta: Tensor, start: int, length: int) -> Tensor:
+def cyclic(theta: Tensor, start: int, length: int) -> Tensor:
+    """Entries start, start+1, ... (mod len(theta)) of a 1-D tensor: a view when nothing wraps."""
     p = theta.numel()
+    start %= p
     if start + length <= p:
         return theta[start : start + length]
     return theta.repeat(-(-(start + length) // p))[start : start + length]
@@ -38,7 +40,7 @@ class _CyclicWindows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, theta: Tensor, starts: tuple[int, ...], size: int) -> Tensor:
         ctx.starts, ctx.numel = starts, theta.numel()
-        return torch.stack([_cyclic(theta, s % theta.numel(), size) for s in starts])
+        return torch.stack([cyclic(theta, s, size) for s in starts])
 
     @staticmethod
     def backward(ctx, grad: Tensor):
