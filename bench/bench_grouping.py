@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import write_section  # noqa: E402
 from ensemble.config import load_config  # noqa: E402
-from ensemble.training import fit  # noqa: E402
+from ensemble.loop import fit  # noqa: E402
 
 VARIANTS = {
     "depth, budget 0.25": ["bank.budget=0.25"],

@@ -45,7 +45,7 @@ def pct(values: list[float], q: float) -> float:
 
 def make_checkpoint(members: str, out: Path) -> Path:
     from ensemble.config import load_config
-    from ensemble.training import fit
+    from ensemble.loop import fit
 
     fit(load_config(None, [f"ensemble.members={members}", 'ensemble.exits="all"', "train.epochs=1",
                            "data.train_per_class=20"]), out_dir=out, progress=False, log=lambda s: None)

@@ -10,6 +10,7 @@ member's weight is the top-left block of a wide one's.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor, nn
@@ -47,6 +48,21 @@ class SuperWeightBank(nn.Module):
         self._cells = [plan.slot_cells(i) for i in range(len(plan.slots))]
         self._param_sizes = [b.params for b in plan.blocks]
         self._coef_sizes = [len(b.coef_sets) * b.templates for b in plan.blocks]
+        # Blocks each slot reads, and (per distinct requested slot set) the slots and blocks to generate:
+        # a member-parallel worker asks for the same set every step, so this is one dict lookup.
+        self._slot_blocks = [sorted({bid for row in cells for bid in row}) for cells in self._cells]
+        self._subsets: dict[tuple[int, ...], tuple[list[int], list[int]]] = {}
+
+    def _subset(self, slots: Iterable[int]) -> tuple[list[int], list[int]]:
+        """(sorted distinct slot ids, sorted ids of the blocks they read) of a requested slot set."""
+        key = tuple(slots)
+        hit = self._subsets.get(key)
+        if hit is None:
+            ids = sorted(set(key))
+            if ids and not 0 <= ids[0] <= ids[-1] < len(self.plan.slots):
+                raise IndexError(f"slot ids must be in [0, {len(self.plan.slots)}), got {key}")
+            hit = self._subsets[key] = (ids, sorted({b for i in ids for b in self._slot_blocks[i]}))
+        return hit
 
     # -- generation --------------------------------------------------------------------------
     # Autograd cost matters as much as the forward: slicing a big tensor N times makes N zero-filled
@@ -66,35 +82,54 @@ class SuperWeightBank(nn.Module):
         n = len(b.coef_sets) * b.templates
         return self.coefficients[b.coef_offset : b.coef_offset + n].view(len(b.coef_sets), b.templates)
 
-    def block_outputs(self) -> list[tuple[Tensor, ...]]:
-        """Per block, one row per coefficient set: alpha_b [sets, K_b] @ templates [K_b, size_b], one matmul."""
+    def block_outputs(self, blocks: Iterable[int] | None = None) -> list[tuple[Tensor, ...] | None]:
+        """Per block, one row per coefficient set: alpha_b [sets, K_b] @ templates [K_b, size_b], one matmul.
+
+        `blocks` (block ids): compute only those blocks (their windows and matmul, all their rows, so each
+        is bit for bit the full generation's); the others are None.
+        """
         thetas = torch.split(self.bank, self._param_sizes)
         alphas = torch.split(self.coefficients, self._coef_sizes)
-        return [
-            (alpha.view(len(b.coef_sets), b.templates) @ self._windows(theta, b)).unbind(0)
-            for b, theta, alpha in zip(self.plan.blocks, thetas, alphas)
-        ]
+        plan_blocks = self.plan.blocks
+        if blocks is None:
+            return [
+                (alpha.view(len(b.coef_sets), b.templates) @ self._windows(theta, b)).unbind(0)
+                for b, theta, alpha in zip(plan_blocks, thetas, alphas)
+            ]
+        out: list[tuple[Tensor, ...] | None] = [None] * len(plan_blocks)
+        for bid in blocks:
+            b = plan_blocks[bid]
+            out[bid] = (alphas[bid].view(len(b.coef_sets), b.templates) @ self._windows(thetas[bid], b)).unbind(0)
+        return out
 
-    def raw_weights(self) -> list[Tensor]:
+    def raw_weights(self, slots: Iterable[int] | None = None) -> list[Tensor | None]:
         """Slot weights before the fixed gain, in plan slot order.
 
         A slot is the concatenation of its grid cells [:O, :I]; a thin slot sharing coefficients with a
-        wide one is therefore bit for bit the top-left crop of it (no warping).
+        wide one is therefore bit for bit the top-left crop of it (no warping). `slots` (plan slot ids):
+        generate only those, computing only the blocks they read; the other entries are None.
         """
-        outputs = self.block_outputs()
+        if slots is None:
+            ids, outputs = range(len(self.plan.slots)), self.block_outputs()
+        else:
+            ids, block_ids = self._subset(slots)
+            outputs = self.block_outputs(block_ids)
         blocks = self.plan.blocks
-        raw = []
-        for i, coef in enumerate(self.plan.slot_coef):
+        slot_coef = self.plan.slot_coef
+        raw: list[Tensor | None] = [None] * len(slot_coef)
+        for i in ids:
+            coef = slot_coef[i]
             bands = []
             for row in self._cells[i]:
                 cells = [outputs[bid][self._row_of[bid][coef]].view(blocks[bid].shape) for bid in row]
                 bands.append(cells[0] if len(cells) == 1 else torch.cat(cells, dim=1))
-            raw.append(bands[0] if len(bands) == 1 else torch.cat(bands, dim=0))
+            raw[i] = bands[0] if len(bands) == 1 else torch.cat(bands, dim=0)
         return raw
 
-    def forward(self) -> list[Tensor]:
-        """Every slot weight, in plan slot order (one regeneration per training step)."""
-        return [w * self.gains[i] for i, w in enumerate(self.raw_weights())]
+    def forward(self, slots: Iterable[int] | None = None) -> list[Tensor | None]:
+        """Slot weights in plan slot order (one regeneration per training step): every slot, or only `slots`
+        (plan slot ids; None elsewhere), e.g. a member-parallel worker's own members'."""
+        return [None if w is None else w * self.gains[i] for i, w in enumerate(self.raw_weights(slots))]
 
     # -- initialisation ----------------------------------------------------------------------
     @torch.no_grad()

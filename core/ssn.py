@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -65,6 +66,7 @@ from .windows import cyclic
 UPSAMPLERS = ("repeat", "mask", "inter")
 GROUP_MODES = ("one", "depth", "learned")
 LAYOUTS = ("chained", "aligned")
+_ALIGN = 128  # entries (512 bytes of float32: CPU allocations are 64-byte, CUDA ones 512-byte aligned)
 
 
 # -- plan ----------------------------------------------------------------------------------------
@@ -294,9 +296,10 @@ class SSNBank(nn.Module):
     """Flat `bank` (exactly plan.budget entries), flat `coefficients` (wavg coefficients + masks), `gains`.
 
     Same interface as `core.bank.SuperWeightBank` where the ensemble uses it: `forward()` returns every
-    slot weight in plan order. Autograd cost: the flat vectors are cut once with `torch.split`; all wavg
-    slots of a (chained) group read one cyclic tiling of theta_g that is split again, so backward never
-    zero-fills a whole group vector per wavg slot. An upsampled slot reads S > P_g entries anyway.
+    slot weight in plan order, `forward(slots)` only the requested ones (None elsewhere). Autograd cost:
+    the flat vectors are cut once with `torch.split`; all wavg slots of a (chained) group read one cyclic
+    tiling of theta_g that is split again, so backward never zero-fills a whole group vector per wavg slot.
+    An upsampled slot reads S > P_g entries anyway.
     The aligned layout (learned-groups probe only) slices per slot: O(slots x P_g) in backward.
     """
 
@@ -311,25 +314,76 @@ class SSNBank(nn.Module):
         self.register_buffer("gains", torch.ones(len(plan.slots)))
         self._group_sizes = [g.params for g in plan.groups]
         self._coef_sizes = [lay.coef_count for lay in plan.slot_layout]
+        self._build_index()
         self.reset_parameters(generator)
 
     # -- generation --------------------------------------------------------------------------
+    def _build_index(self) -> None:
+        """Per group, its chained wavg slots with their region offsets in the group's tiling; per distinct
+        requested slot set, the requested slots of each group (computed once, a dict lookup per step)."""
+        plan = self.plan
+        self._chains: list[tuple[list[int], list[int], list[int]]] = []  # (wavg slots, lengths, starts)
+        for g in plan.groups:
+            wavg = [i for i in g.slots if plan.slot_layout[i].mode == "wavg"]
+            lengths = [plan.slot_layout[i].templates * plan.slots[i].numel for i in wavg]
+            starts = [sum(lengths[:j]) for j in range(len(lengths) + 1)]
+            self._chains.append((wavg, lengths, starts))
+        self._position = {i: j for wavg, _, _ in self._chains for j, i in enumerate(wavg)}
+        self._all = [list(g.slots) for g in plan.groups]
+        self._subsets: dict[tuple[int, ...], list[list[int]]] = {}
+
+    def _subset(self, slots: Iterable[int]) -> list[list[int]]:
+        """Requested slot ids of every group (in group order) for a requested slot set."""
+        key = tuple(slots)
+        hit = self._subsets.get(key)
+        if hit is None:
+            wanted = set(key)
+            if wanted and not 0 <= min(wanted) <= max(wanted) < len(self.plan.slots):
+                raise IndexError(f"slot ids must be in [0, {len(self.plan.slots)}), got {key}")
+            hit = self._subsets[key] = [[i for i in g.slots if i in wanted] for g in self.plan.groups]
+        return hit
+
+    @staticmethod
+    def _tiling(theta: Tensor, starts: list[int], a: int, z: int) -> Tensor:
+        """Chained wavg regions a..z-1 of a group: entries starts[a] .. starts[z] of the cyclic tiling of theta_g.
+
+        Why not simply `cyclic(theta, starts[a], ...)`: the full tiling (a == 0, z == all) is a fresh copy
+        when it wraps, and a matmul's rounding depends on its operand's memory alignment (measured: slot
+        coefficient gradients differed in the last bit). A subset that would be a copy is therefore copied
+        into a buffer in which every region has the full tiling's alignment (mod `_ALIGN` entries), so a
+        subset generation and its gradients are bit for bit those of the full generation.
+        """
+        lo, hi, total = starts[a], starts[z], starts[-1]
+        if (lo == 0 and hi == total) or total <= theta.numel():  # the full tiling, or views at its addresses
+            return cyclic(theta, lo, hi - lo)
+        base = lo - lo % _ALIGN
+        return cyclic(theta, base, hi - base).clone()[lo - base :]
+
     def group_vectors(self) -> tuple[Tensor, ...]:
         return torch.split(self.bank, self._group_sizes)
 
-    def raw_weights(self) -> list[Tensor]:
-        """Slot weights before the fixed gain, in plan slot order."""
+    def raw_weights(self, slots: Iterable[int] | None = None) -> list[Tensor | None]:
+        """Slot weights before the fixed gain, in plan slot order.
+
+        `slots` (plan slot ids): generate only those (only the groups they are in, only their matmuls and
+        windows); the other entries are None. Requested chained wavg slots read one cyclic tiling that
+        spans from the first to the last requested region of their group (the whole tiling when all are).
+        """
         plan = self.plan
         thetas = self.group_vectors()
         coefs = torch.split(self.coefficients, self._coef_sizes)
         raw: list[Tensor | None] = [None] * len(plan.slots)
-        for g, theta in zip(plan.groups, thetas):
+        per_group = self._all if slots is None else self._subset(slots)
+        for g, theta, ids, (wavg, lengths, starts) in zip(plan.groups, thetas, per_group, self._chains):
+            if not ids:
+                continue
             p = g.params
-            wavg = [i for i in g.slots if plan.slot_layout[i].mode == "wavg"]
-            if wavg and plan.layout == "chained":
-                lengths = [plan.slot_layout[i].templates * plan.slots[i].numel for i in wavg]
-                regions = dict(zip(wavg, torch.split(cyclic(theta, 0, sum(lengths)), lengths)))
-            for i in g.slots:
+            if plan.layout == "chained":
+                pos = [self._position[i] for i in ids if plan.slot_layout[i].mode == "wavg"]
+                if pos:
+                    a, z = pos[0], pos[-1] + 1
+                    regions = dict(zip(wavg[a:z], torch.split(self._tiling(theta, starts, a, z), lengths[a:z])))
+            for i in ids:
                 spec, lay = plan.slots[i], plan.slot_layout[i]
                 s = spec.numel
                 if lay.mode == "wavg":
@@ -347,9 +401,10 @@ class SSNBank(nn.Module):
                 raw[i] = w.view(spec.shape)
         return raw
 
-    def forward(self) -> list[Tensor]:
-        """Every slot weight, in plan slot order (one regeneration per training step)."""
-        return [w * self.gains[i] for i, w in enumerate(self.raw_weights())]
+    def forward(self, slots: Iterable[int] | None = None) -> list[Tensor | None]:
+        """Slot weights in plan slot order (one regeneration per training step): every slot, or only `slots`
+        (plan slot ids; None elsewhere), e.g. a member-parallel worker's own members'."""
+        return [None if w is None else w * self.gains[i] for i, w in enumerate(self.raw_weights(slots))]
 
     # -- initialisation ----------------------------------------------------------------------
     @torch.no_grad()

@@ -138,6 +138,25 @@ class Config:
                 raise SuperweightsError(f"bank.groups must be >= 1, got {self.bank.groups}")
         if self.bank.grouping not in ("depth", "gradient"):
             raise SuperweightsError(f"bank.grouping must be depth or gradient, got {self.bank.grouping!r}")
+        # Keys of the SuperWeight method's learning steps: honoured by the training loop, or refused here.
+        if self.bank.method != "superweights":
+            for key, value, default in (("bank.grouping", self.bank.grouping, "depth"),
+                                        ("bank.unshare_epoch", self.bank.unshare_epoch, 0)):
+                if value != default:
+                    raise SuperweightsError(f"{key}={value!r} is a SuperWeights step: it needs bank.method = "
+                                            f"\"superweights\", not {self.bank.method!r}")
+        if self.bank.unshare_epoch < 0 or self.bank.unshare_epoch > self.train.epochs:
+            raise SuperweightsError(f"bank.unshare_epoch must be between 0 (never) and train.epochs "
+                                    f"({self.train.epochs}), got {self.bank.unshare_epoch}")
+        if self.bank.unshare_epoch and not self.bank.share_coefficients:
+            raise SuperweightsError("bank.unshare_epoch needs bank.share_coefficients = true: with unshared "
+                                    "coefficients there is nothing to unshare")
+        g = self.grouping
+        for key, value, low in (("grouping.warmup_epochs", g.warmup_epochs, 1), ("grouping.batches", g.batches, 1),
+                                ("grouping.tries", g.tries, 1), ("bank.unshare_batches", self.bank.unshare_batches, 1),
+                                ("bank.pretrain_steps", self.bank.pretrain_steps, 1)):
+            if value < low:
+                raise SuperweightsError(f"{key} must be >= {low}, got {value}")
         if not self.ensemble.members:
             raise SuperweightsError("ensemble.members is empty: name at least one member")
         for key, value, low in (("train.epochs", self.train.epochs, 1), ("train.batch_size", self.train.batch_size, 1)):

@@ -5,6 +5,7 @@ Also the plan summary that `superweights plan --json` prints; its top-level fiel
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 
 import torch
@@ -60,9 +61,18 @@ def make_plan(config: Config, info: DatasetInfo, slots: list[SlotSpec] | None = 
     )
 
 
-def plan_summary(config: Config, info: DatasetInfo, plan: Plan | None = None) -> dict:
+def plan_summary(config: Config, info: DatasetInfo, plan: Plan | None = None, before_training: bool = False) -> dict:
     """Stable JSON fields: budget, bank_params, coefficient_params, private_params, total_params,
-    full_ensemble_params, members [{name, params, flops}], groups [{id, kind, slots, blocks}]."""
+    full_ensemble_params, members [{name, params, flops}], groups [{id, kind, slots, blocks}].
+
+    `before_training`: the summary a run starts from. Learned SSN groups only exist after the loop's
+    pre-training, so it then describes the depth-bin layout (same exact budget, same members and FLOPs)
+    and says `"groups_learned_at_start": true`; without it such a config is an error (`plan --from`
+    shows the learned groups of a trained checkpoint)."""
+    b = config.bank
+    if before_training and plan is None and b.method == "ssn" and b.ssn_groups == "learned":
+        depth = dataclasses.replace(config, bank=dataclasses.replace(b, ssn_groups="depth"))
+        return {**plan_summary(depth, info), "groups_learned_at_start": True}
     members = meta_members(config, info)
     slots = member_slots(config, info, members)
     x = example_input(info)

@@ -25,6 +25,7 @@ from .config import Config
 from .data import DatasetInfo
 from .model import SuperWeightEnsemble, _check_plan_fits, build_members
 from .planning import member_slots
+from .training import make_optimizer, train_step
 
 
 class SSNEnsemble(SuperWeightEnsemble):
@@ -140,7 +141,6 @@ def learned_ssn_groups(config: Config, info: DatasetInfo, data, device: str | to
     """Learned SSN groups: pre-train `steps` steps on the probe layout (`probe_plan`, coefficients all
     1/sqrt(K) at init so they only differ by what training taught them), then KMeans on each slot's
     coefficients. Deterministic under `train.seed` (or `seed`) on a deterministic device; covers every slot."""
-    from .training import make_optimizer, train_step
 
     if steps < 1:
         raise SuperweightsError(f"the learned-groups pre-training needs >= 1 step, got {steps}")

@@ -1,4 +1,4 @@
-"""`superweights` command line: plan, train, models.
+"""`superweights` command line: plan, train, evaluate, compare, serve, models.
 
 Every user mistake ends as one line on stderr (`superweights: error: ...`) and exit code 2; a
 traceback means a bug in superweights, never in the user's input.
@@ -51,12 +51,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("models", help="list the registered member architectures")
 
-    p = sub.add_parser("compare", help="SuperWeight ensembles vs full-parameter baselines, tracked in MLflow",
+    p = sub.add_parser("compare", help="SuperWeight ensembles vs full-parameter baselines, on Ray, tracked in MLflow",
                        description="Train, under one parent MLflow run, the SuperWeight ensemble at every budget, the "
                                    "full ensemble, every member alone and the SSN variants, for every seed; reuse runs "
                                    "already FINISHED with the same settings; print and save the comparison table "
                                    "(CSV, Markdown) and plots. On digits the protocol keeps 20 training images per "
-                                   "class (data.train_per_class=20) unless you set it.")
+                                   "class (data.train_per_class=20) unless you set it. Every child is one run of the "
+                                   "training loop in a Ray task of its own (--child-cpus, --child-gpus), at most "
+                                   "--max-concurrent at once, on the Ray cluster at --address (default $RAY_ADDRESS, "
+                                   "else a local Ray started and stopped here); this process alone writes to MLflow. "
+                                   "On a cluster, submit it as a Ray job (`ray job submit --working-dir . -- python -m "
+                                   "ray_jobs.cli compare ...`, absolute --tracking-uri and --out).")
     _add_config_args(p)
     p.add_argument("--budgets", default="0.1,0.25,0.5,0.83,1.0,2.0", help="budget ratios, comma separated")
     p.add_argument("--seeds", type=int, default=3, help="seeds per setting (default 3)")
@@ -64,8 +69,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma separated subset of superweights, full, members, ssn-repeat, ssn-mask, ssn-inter")
     p.add_argument("--experiment", default="superweights-compare", help="MLflow experiment name")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///<cwd>/mlflow.db)")
-    p.add_argument("--out", "-o", default="compare", help="report folder (default ./compare)")
+    p.add_argument("--out", "-o", help="report folder (default ./compare)")
     p.add_argument("--report-only", action="store_true", help="rebuild the report from MLflow alone, no training")
+    g = p.add_argument_group("Ray (one task per child)")
+    g.add_argument("--child-cpus", type=int, default=1, metavar="N",
+                   help="Ray CPUs per child, also its torch threads (default 1)")
+    g.add_argument("--child-gpus", type=int, default=0, metavar="N", help="Ray GPUs per child (default 0)")
+    g.add_argument("--max-concurrent", type=int, metavar="N",
+                   help="children running at once (default: the cluster's free CPUs // --child-cpus, at least 1)")
+    g.add_argument("--address", default="",
+                   help="Ray cluster (host:port or ray://host:10001; default: $RAY_ADDRESS, else a local Ray)")
+    g.add_argument("--device", help="cpu or cuda for the children (default: cuda with --child-gpus >= 1, else cpu); "
+                                    "cuda needs --child-gpus >= 1")
 
     p = sub.add_parser("evaluate", help="anytime evaluation of a checkpoint (accuracy vs FLOPs, subsets, exits)",
                        description="Evaluate a checkpoint folder along its anytime schedule: accuracy, NLL, ECE and "
@@ -189,12 +204,16 @@ def cmd_serve(args) -> int:
 
 
 def cmd_compare(args) -> int:
+    import signal
     from pathlib import Path
 
-    from .compare import build_report, compare, format_markdown, write_report
+    from .compare import ChildResources, build_report, compare, format_markdown, write_report
+    from .durable import require_durable
     from .tracking import check_tracking_uri, default_tracking_uri
 
-    out = Path(args.out)
+    # A submitted job (`ray job submit --working-dir .`) runs in a temporary copy: nothing may land there.
+    require_durable({"--out": args.out, "--tracking-uri": args.tracking_uri})
+    out = Path(args.out or "compare")
     if args.report_only:
         uri = check_tracking_uri(args.tracking_uri or default_tracking_uri())
         report = build_report(uri, args.experiment)
@@ -205,11 +224,19 @@ def cmd_compare(args) -> int:
         except ValueError:
             raise SuperweightsError(f"--budgets must be comma separated numbers, got {args.budgets!r}") from None
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        resources = ChildResources(cpus=args.child_cpus, gpus=args.child_gpus, max_concurrent=args.max_concurrent,
+                                   device=args.device)
+        signal.signal(signal.SIGTERM, _sigterm)  # `ray job stop`: in-flight children and the parent end KILLED
         report = compare(args.config, args.overrides, budgets, args.seeds, methods, args.experiment,
-                         args.tracking_uri, out)
+                         args.tracking_uri, out, log=lambda s: print(s, flush=True), resources=resources,
+                         address=args.address)
     print(format_markdown(report))
     print(f"\nreport: {out.absolute()} (comparison.csv, comparison.md, accuracy_vs_params.png, anytime_overlay.png)")
     return 0
+
+
+def _sigterm(signum, frame):
+    raise KeyboardInterrupt
 
 
 COMMANDS = {"plan": cmd_plan, "train": cmd_train, "models": cmd_models, "evaluate": cmd_evaluate, "serve": cmd_serve,

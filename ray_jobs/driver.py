@@ -130,6 +130,16 @@ def _init_ray(address: str, log: Callable[[str], None]) -> bool:
     env_vars = {"RAY_AUTH_MODE": os.environ["RAY_AUTH_MODE"]} if "RAY_AUTH_MODE" in os.environ else {}
     kwargs = {"logging_level": logging.WARNING, "configure_logging": True}
     if address:
+        # A job on an existing cluster: pin its processes to this cluster (Ray Train's placement-group cleaner
+        # otherwise auto-detects one and raises "Found multiple active Ray instances" when another Ray runs
+        # here) and no preemption watcher unless asked for (an `E core_worker ... PreemptionWatcher` line).
+        env_vars.setdefault(PREEMPTION_WATCHER_ENV, os.environ.get(PREEMPTION_WATCHER_ENV, "0"))
+        if "://" not in address and address != "auto":
+            env_vars["RAY_ADDRESS"] = address
+        # ray.init refuses an env var the submitted job's runtime env already sets (even to the same value)
+        job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+        already = (job.get("runtime_env") or {}).get("env_vars") or {}
+        env_vars = {k: v for k, v in env_vars.items() if k not in already}
         if env_vars:
             kwargs["runtime_env"] = {"env_vars": env_vars}
         ray.init(address=address, **kwargs)
@@ -268,7 +278,7 @@ def train(config: Config, options: RayOptions = RayOptions(), *, name: str | Non
             _cluster_check(workers, options.use_gpu)
         t = config.train
         data = load_data(config.data, t.seed, t.batch_size, t.eval_batch_size)
-        summary = plan_summary(config, data.info)
+        summary = plan_summary(config, data.info, before_training=True)
         flops = [m["flops"] for m in summary["members"]]
         layout = resolve_layout(workers, options.member_groups, options.data_replicas, flops, t.batch_size)
         if workers != 0 and not connected:
@@ -281,6 +291,8 @@ def train(config: Config, options: RayOptions = RayOptions(), *, name: str | Non
             f"({100 * summary['total_params'] / summary['full_ensemble_params']:.1f}% of the full ensemble's "
             f"{summary['full_ensemble_params']:,}); bank {summary['bank_params']:,}, "
             f"coefficients {summary['coefficient_params']:,}, private {summary['private_params']:,}")
+        for line in _method_steps(config):
+            log(line)
         groups = "; ".join(f"group {g}: {', '.join(labels[i] for i in ids)}" for g, ids in enumerate(layout.groups))
         where = "in this process" if workers == 0 else f"{workers} Ray worker{'s' if workers != 1 else ''}"
         log(f"parallelism: {where} = {layout.member_groups} member group(s) x {layout.data_replicas} data "
@@ -330,6 +342,22 @@ def train(config: Config, options: RayOptions = RayOptions(), *, name: str | Non
             end_run(uri, run_id, status)
         if started_ray:
             ray.shutdown()
+
+
+def _method_steps(config: Config) -> list[str]:
+    """What the training loop will do besides training: users see the plan above change at these points."""
+    b, g = config.bank, config.grouping
+    lines = []
+    if b.method == "superweights" and b.grouping == "gradient":
+        lines.append(f"gradient grouping: {g.warmup_epochs} warm-up epoch(s) on the depth-bin groups above, then "
+                     f"groups from slot-gradient similarity (threshold {g.threshold:g}), re-initialised, "
+                     f"{config.train.epochs} epoch(s)")
+    if b.method == "superweights" and b.unshare_epoch:
+        lines.append(f"coefficient unsharing after training epoch {b.unshare_epoch} (threshold {b.unshare_threshold:g})")
+    if b.method == "ssn" and b.ssn_groups == "learned":
+        lines.append(f"learned SSN groups: {b.pretrain_steps} pre-training steps, then k-means into {b.groups} "
+                     "groups (the numbers above are for depth groups at the same budget)")
+    return lines
 
 
 def _fit(spec: dict, workers: int, options: RayOptions, run_name: str, storage: Path):

@@ -29,6 +29,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from core.errors import SuperweightsError
+from ensemble.collective import Collective
 
 
 def available_cpus() -> int:
@@ -241,6 +242,17 @@ class _GradScale(torch.autograd.Function):
         return grad * ctx.scale, None
 
 
+def make_replica_group(layout: Layout, rank: int):
+    """The process group of this rank's data replicas. `new_group` is collective: every rank creates every
+    group, in the same order, so call it on every rank, once per run."""
+    mine = None
+    for g in range(layout.member_groups):
+        pg = dist.new_group(layout.replica_ranks(g)) if layout.member_groups > 1 else dist.group.WORLD
+        if g == layout.group_of(rank):
+            mine = pg
+    return mine
+
+
 class StepSync:
     """Everything a worker needs around `ensemble.training.train_step`.
 
@@ -254,19 +266,16 @@ class StepSync:
       Afterwards `correct` is the ensemble's train-accuracy hits on the global batch.
     """
 
-    def __init__(self, model: nn.Module, layout: Layout, rank: int, num_classes: int):
+    def __init__(self, model: nn.Module, layout: Layout, rank: int, num_classes: int, replica_group=None):
         self.layout, self.rank = layout, rank
         self.members = layout.members_of(rank)
         self.num_members = sum(len(g) for g in layout.groups)
         self.num_classes = num_classes
         self.params = list(model.parameters())
-        self.replica_group = None
+        self.replica_group = replica_group
         if layout.data_replicas > 1:
-            # new_group is collective: every rank creates every group, in the same order.
-            for g in range(layout.member_groups):
-                pg = dist.new_group(layout.replica_ranks(g)) if layout.member_groups > 1 else dist.group.WORLD
-                if g == layout.group_of(rank):
-                    self.replica_group = pg
+            if replica_group is None:
+                self.replica_group = make_replica_group(layout, rank)
             for i in self.members:
                 convert_sync_batchnorm(model.members[i], self.replica_group)
         self.model = _WeightedOutputs(model, self)
@@ -377,3 +386,65 @@ def gather_member_buffers(model: nn.Module, layout: Layout, rank: int) -> None:
         n = b.numel()
         b.copy_(flat[offset:offset + n].view_as(b).to(b.dtype))
         offset += n
+
+
+class WorkerCollective(Collective):
+    """`ensemble.collective.Collective` for one Ray Train worker of a `member_groups x data_replicas` layout.
+
+    `attach` wraps the (re)built model in a `StepSync` (parameters are re-read: regrouping and unsharing
+    replace them); `begin(step, y)` tells it the slice of global batch `step` this worker holds."""
+
+    def __init__(self, layout: Layout, rank: int, num_classes: int, num_examples: int, batch_size: int,
+                 device: torch.device):
+        self.layout, self.rank, self.world = layout, rank, layout.world
+        self.device = device  # collectives' tensors live here (nccl needs CUDA tensors)
+        self.members = layout.members_of(rank)
+        self.num_classes, self.num_examples, self.batch_size = num_classes, num_examples, batch_size
+        self.replica, self.replicas = layout.replica_of(rank), layout.data_replicas
+        self.replica_group = make_replica_group(layout, rank) if self.replicas > 1 else None
+        self.sync: StepSync | None = None
+
+    def attach(self, model: nn.Module) -> None:
+        self.sync = StepSync(model, self.layout, self.rank, self.num_classes, self.replica_group)
+        self.view = self.sync.model
+        self.after_backward = self.sync
+
+    def shard(self, loader):
+        return loader.shard(self.replica, self.replicas) if self.replicas > 1 else loader
+
+    def begin(self, step: int, y: Tensor) -> None:
+        batch, start, length = slice_of(step, self.num_examples, self.batch_size, self.replica, self.replicas)
+        if length != len(y):
+            raise RuntimeError(f"batch {step}: expected a slice of {length} examples, got {len(y)}")
+        self.sync.begin(y, batch, start)
+
+    def step_stats(self, loss: Tensor, logits: Tensor, y: Tensor) -> tuple[float, int, int]:
+        # The slice's loss: mean over the slice of its members' losses (NaN when the slice is empty).
+        return (float(loss) * len(y) if len(y) else 0.0), self.sync.correct, self.sync._batch
+
+    def sum_(self, t: Tensor) -> Tensor:
+        dist.all_reduce(t)
+        return t
+
+    def sum_float(self, value: float) -> float:
+        return sum_over_workers(value, self.device)
+
+    def broadcast_ints(self, values: list[int] | None) -> list[int]:
+        # Two small broadcasts (length, values) instead of broadcast_object_list, which pickles.
+        dev = self.device
+        n = torch.tensor([len(values) if self.is_main else 0], dtype=torch.int64, device=dev)
+        dist.broadcast(n, src=0)
+        data = torch.tensor(values if self.is_main else [0] * int(n), dtype=torch.int64, device=dev)
+        dist.broadcast(data, src=0)
+        return [int(v) for v in data.tolist()]
+
+    def sync_buffers(self, model: nn.Module) -> None:
+        gather_member_buffers(model, self.layout, self.rank)
+
+
+def slice_of(step: int, n: int, batch_size: int, replica: int, replicas: int) -> tuple[int, int, int]:
+    """(global batch size, slice start within the batch, slice length): `Loader.shard`'s split."""
+    b = min(batch_size, n - step * batch_size)
+    q, r = divmod(b, replicas)
+    start = replica * q + min(replica, r)
+    return b, start, q + (1 if replica < r else 0)

@@ -24,6 +24,7 @@ from urllib.parse import urlparse
 from core.errors import SuperweightsError
 
 EXPERIMENT = "superweights"
+METHOD_STEP_KEYS = ("groups", "grouping_threshold", "unshared_pairs", "coefficient_sets", "coefficient_params")
 EPOCH_KEYS = ("train_loss", "train_accuracy", "val_accuracy", "val_nll", "epoch_seconds")
 
 
@@ -158,6 +159,8 @@ class RunLogger:
         names = {"seconds": "epoch_seconds"}
         metrics = [Metric(names.get(k, k), float(row[k]), now, epoch)
                    for k in ("train_loss", "train_accuracy", "val_accuracy", "val_nll", "seconds") if k in row]
+        # The method's learning steps, at the epoch they happened (the params hold the initial plan).
+        metrics += [Metric(k, float(row[k]), now, epoch) for k in METHOD_STEP_KEYS if k in row]
         self.client.log_batch(self.run_id, metrics=metrics)
         self.logged_epochs.add(epoch)
         return True

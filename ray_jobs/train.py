@@ -3,8 +3,9 @@
 
 Valid as a Ray Jobs entrypoint (`ray job submit --address http://127.0.0.1:8265 --working-dir . --
 python -m ray_jobs.train ...`): inside a job, Ray sets RAY_ADDRESS and the driver joins that cluster.
-A job's working folder is a temporary copy, so give absolute --out, --storage-path and --tracking-uri
-(sqlite:////abs/path/mlflow.db or http://server) when the results must outlive it.
+A job's working folder is a temporary copy that Ray may delete after the job, so a job must give absolute
+--out, --storage-path and --tracking-uri (sqlite:////abs/path/mlflow.db or http://server; not needed with
+--no-tracking): without them it stops before training, in one line (`durable.require_durable`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import signal
 import sys
 
 from .driver import RayOptions
+from .durable import require_durable
 from .exit_codes import run_guarded
 
 _D = RayOptions()
@@ -25,7 +27,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", help="TOML config file (default: built-in digits defaults)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one config key with a TOML value; repeatable")
-    p.add_argument("--out", "-o", help="copy the final model files here (default: runs/<run name>)")
+    p.add_argument("--out", "-o",
+                   help="copy the final model files here (default: runs/<run name>; an absolute path in a Ray job)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu); with workers, cuda = one GPU each")
     p.add_argument("--download", action="store_true", help="download CIFAR files if missing (needs a network)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
@@ -44,12 +47,15 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--address",
                    help="Ray cluster address (host:port or ray://host:10001; default: $RAY_ADDRESS, else a local Ray)")
     g.add_argument("--storage-path",
-                   help=f"checkpoint storage; a run lives in <storage-path>/<name> (default: {_D.storage_path})")
+                   help=f"checkpoint storage; a run lives in <storage-path>/<name> (default: {_D.storage_path}; in a "
+                        "Ray job an absolute path every node can reach, e.g. on NFS)")
     g.add_argument("--name", help="run name; rerunning with an existing name resumes it (default: <method>-<time>)")
     g.add_argument("--crash-at-epoch", type=int, metavar="EPOCH",
                    help=argparse.SUPPRESS)  # debug.crash_at_epoch: fault-tolerance testing
     m = p.add_argument_group("MLflow")
-    m.add_argument("--tracking-uri", help="MLflow tracking URI or server URL (default: sqlite:///<cwd>/mlflow.db)")
+    m.add_argument("--tracking-uri",
+                   help="MLflow tracking URI or server URL (default: sqlite:///<cwd>/mlflow.db; in a Ray job "
+                        "sqlite:////abs/path/mlflow.db or http(s)://server)")
     m.add_argument("--experiment", default="superweights", help="MLflow experiment (default: superweights)")
     m.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
 
@@ -76,8 +82,16 @@ def run_from_args(args, log=print) -> int:
     if args.download:
         overrides.append("data.download=true")
     config = load_config(args.config, overrides)
+    options = options_from_args(args, config)
+    # In `ray job submit --working-dir .` the cwd is Ray's temporary copy: refuse outputs that would vanish
+    # with it before anything is written. A storage path from the config counts as given.
+    storage = options.storage_path
+    if args.storage_path is None and storage == _D.storage_path:
+        storage = None  # the default
+    require_durable({"--out": args.out, "--storage-path": storage,
+                     **({} if args.no_tracking else {"--tracking-uri": args.tracking_uri})})
     name = args.name or f"{config.bank.method}-{_stamp()}"
-    outcome = train(config, options_from_args(args, config), name=name, out=args.out or f"runs/{name}",
+    outcome = train(config, options, name=name, out=args.out or f"runs/{name}",
                     tracking_uri=args.tracking_uri, experiment=args.experiment, device=args.device, log=log,
                     track=not args.no_tracking)
     log("")

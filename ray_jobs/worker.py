@@ -1,43 +1,38 @@
-"""The Ray Train worker loop: `train_loop(spec)` runs on every worker (or in-process with 0 workers).
+"""The Ray Train worker: `train_loop(spec)` runs on every worker (or in-process with 0 workers).
 
-It owns no training logic of its own: every step is `ensemble.training.train_step` (with this worker's
-members and the `StepSync` all-reduce as `after_backward`), validation/test are `evaluate`, checkpoints are
-`save_checkpoint` plus the optimizer/scheduler state and a small JSON with the epoch, the history and the
-MLflow run id. What this module adds is the parallel bookkeeping around those calls:
+It owns no training logic: it loads the data, picks the worker's `Collective` (`WorkerCollective` for a
+multi-worker layout, the one-process one otherwise) and runs THE training loop, `ensemble.loop.run`,
+with a `RaySession` that connects the loop to Ray Train and MLflow:
 
-    for epoch in range(start, epochs):          # start = last checkpoint's epoch (resume)
-        for each global batch: slice -> train_step(model, x, y, opt, sched, sync, members)
-        gather BN running stats from their owners; rank 0: validate, print, log to MLflow
-        every `checkpoint_every` epochs and at the end: ray.train.report(metrics, checkpoint)
-
-Checkpoint folder = a regular `ensemble.checkpoint` folder (weights.safetensors, plan.json, config.json,
-metrics.json: `load_checkpoint` reads it) + optimizer.pt (tensors and numbers only; read back with
-`torch.load(weights_only=True)`) + train_state.json.
+* resume: `ray.train.get_checkpoint()` (a restarted worker group), else, in-process, the newest complete
+  `checkpoint_epoch_*` folder of the run (a rerun with the same name);
+* every `checkpoint_every` epochs and at the end: the checkpoint folder (`ensemble.train_state`) goes to
+  `ray.train.report(metrics, checkpoint)`; rank 0 logs each epoch to MLflow, and at the end the test
+  metrics and the model files;
+* `debug.crash_at_epoch`: the last rank raises half-way through that epoch, on the first attempt only.
 """
 
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
-from ensemble.checkpoint import save_checkpoint
+from ensemble.collective import Collective
 from ensemble.config import from_dict
 from ensemble.data import load_data
-from ensemble.exits import ANYTIME_FILE, anytime_record, write_anytime
-from ensemble.model import build_ensemble
-from ensemble.training import evaluate, make_optimizer, resolve_device, train_step
+from ensemble.exits import ANYTIME_FILE
+from ensemble.loop import Session, epoch_line, run
+from ensemble.train_state import STATE_FILE, latest_complete
+from ensemble.training import resolve_device
 
-from .parallel import Layout, StepSync, gather_member_buffers, sum_over_workers
+from .parallel import Layout, WorkerCollective
 
-STATE_FILE = "train_state.json"
-OPTIMIZER_FILE = "optimizer.pt"
 MODEL_FILES = ("weights.safetensors", "plan.json", "config.json", "metrics.json", ANYTIME_FILE)
+__all__ = ["MODEL_FILES", "STATE_FILE", "latest_local_checkpoint", "train_loop", "epoch_line"]
 
 
 class InjectedCrash(RuntimeError):
@@ -50,21 +45,97 @@ def checkpoint_dir_name(epoch: int) -> str:
 
 def latest_local_checkpoint(run_dir: Path) -> Path | None:
     """In-process runs (0 workers) persist checkpoints themselves; the newest complete one."""
-    done = sorted(p for p in run_dir.glob("checkpoint_epoch_*") if (p / STATE_FILE).is_file())
-    return done[-1] if done else None
+    return latest_complete(run_dir)
 
 
-def epoch_line(row: dict, epochs: int) -> str:
-    return (f"epoch {row['epoch']:3d}/{epochs}  loss {row['train_loss']:.4f}  train acc {row['train_accuracy']:.4f}  "
-            f"val acc {row['val_accuracy']:.4f}  val nll {row['val_nll']:.4f}  ({row['seconds']:.1f}s)")
+class RaySession(Session):
+    def __init__(self, spec: dict, rank: int, world: int, layout: Layout):
+        super().__init__()
+        import ray.train
+
+        self.train = ray.train
+        self.spec, self.rank, self.world, self.layout = spec, rank, world, layout
+        self.run_dir = Path(spec["run_dir"])
+        self.local = spec["local"]
+        self.checkpoint_every = max(1, int(spec.get("checkpoint_every", 1)))
+        self.crash_epoch = int(spec.get("crash_at_epoch") or 0)
+        self.run_id = spec.get("run_id")
+        self._checkpoint = None
+        self.tracker = None
+
+    def restore_dir(self):
+        ckpt = self.train.get_checkpoint()
+        if ckpt is None and self.local:
+            found = latest_local_checkpoint(self.run_dir)
+            ckpt = self.train.Checkpoint.from_directory(str(found)) if found else None
+        self._checkpoint = ckpt
+        if ckpt is not None:
+            state = ckpt.as_directory()
+            return _RunIdReader(state, self)
+        self._start_tracker()
+        return _Nothing()
+
+    def _start_tracker(self) -> None:
+        if self.rank == 0 and self.spec.get("tracking_uri") and self.run_id:
+            from .tracking import RunLogger
+
+            self.tracker = RunLogger(self.spec["tracking_uri"], self.run_id)
+
+    def resumed_complete(self) -> None:
+        if self.local and self._checkpoint is not None:  # nothing left to do: hand back the final one
+            self.train.report({"epoch": -1}, checkpoint=self._checkpoint)
+
+    def before_step(self, epoch: int, step: int, steps: int) -> None:
+        if self.crash_epoch == epoch + 1 and self.rank == self.world - 1 and step == steps // 2:
+            _maybe_crash(self.run_dir, self.crash_epoch)
+
+    def on_epoch(self, row: dict, epochs: int) -> None:
+        if self.tracker is not None:
+            self.tracker.log_epoch(row["epoch"], row)
+
+    def state_extra(self) -> dict:
+        return {"mlflow_run_id": self.run_id, "layout": self.layout.to_dict()}
+
+    def save(self, epoch, write, report, final, test_metrics) -> None:
+        tmp = None
+        if write is not None:
+            tmp = self.run_dir / checkpoint_dir_name(epoch) if self.local else \
+                Path(tempfile.mkdtemp(prefix="superweights-ckpt-"))
+            write(tmp)
+            if final and self.tracker is not None:
+                self.tracker.log_final(test_metrics, epoch)
+                self.tracker.log_artifacts(tmp, MODEL_FILES)
+        checkpoint = self.train.Checkpoint.from_directory(str(tmp)) if tmp is not None else None
+        self.train.report(report, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_dir_name(epoch))
+        if tmp is not None and not self.local:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _slice_of(step: int, n: int, batch_size: int, replica: int, replicas: int) -> tuple[int, int, int]:
-    """(global batch size, slice start within the batch, slice length): `Loader.shard`'s split."""
-    b = min(batch_size, n - step * batch_size)
-    q, r = divmod(b, replicas)
-    start = replica * q + min(replica, r)
-    return b, start, q + (1 if replica < r else 0)
+class _Nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+class _RunIdReader:
+    """`Checkpoint.as_directory()` that also picks the MLflow run id out of the checkpoint it opens."""
+
+    def __init__(self, inner, session: RaySession):
+        self.inner, self.session = inner, session
+
+    def __enter__(self):
+        import json
+
+        folder = self.inner.__enter__()
+        state = json.loads((Path(folder) / STATE_FILE).read_text())
+        self.session.run_id = state.get("mlflow_run_id") or self.session.run_id
+        self.session._start_tracker()
+        return folder
+
+    def __exit__(self, *exc):
+        return self.inner.__exit__(*exc)
 
 
 def train_loop(spec: dict) -> dict:
@@ -77,9 +148,7 @@ def train_loop(spec: dict) -> dict:
     layout = Layout.from_dict(spec["layout"])
     if layout.world != world:
         raise RuntimeError(f"layout is for {layout.world} workers but Ray started {world}")
-    run_dir = Path(spec["run_dir"])
-    local = spec["local"]
-    if local:
+    if spec["local"]:
         device = resolve_device(spec.get("device", "cpu"))
     else:
         import ray.train.torch
@@ -87,102 +156,13 @@ def train_loop(spec: dict) -> dict:
         device = ray.train.torch.get_device() if spec.get("use_gpu") else torch.device("cpu")
     t = config.train
     data = load_data(config.data, t.seed, t.batch_size, t.eval_batch_size)
-    model = build_ensemble(config, data.info).to(device)
-    members = layout.members_of(rank)
-    replica, replicas = layout.replica_of(rank), layout.data_replicas
-    sync = StepSync(model, layout, rank, data.info.num_classes) if world > 1 else None
-    optimizer, scheduler = make_optimizer(model, config, len(data.train))
-
-    start_epoch, history, run_id, resumes = 0, [], spec.get("run_id"), []
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is None and local:
-        found = latest_local_checkpoint(run_dir)
-        ckpt = ray.train.Checkpoint.from_directory(str(found)) if found else None
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            state = restore(Path(d), model, optimizer, scheduler, device)
-        start_epoch, history = int(state["epoch"]), list(state["history"])
-        run_id = state.get("mlflow_run_id") or run_id
-        resumes = list(state.get("resumes", [])) + [start_epoch]
-        if rank == 0:
-            _say(f"resumed from {ckpt.path} at epoch {start_epoch}/{t.epochs}")
-
-    tracker = None
-    if rank == 0 and spec.get("tracking_uri") and run_id:
-        from .tracking import RunLogger
-
-        tracker = RunLogger(spec["tracking_uri"], run_id)
-
-    loader = data.train.shard(replica, replicas) if replicas > 1 else data.train
-    n_train = data.train.num_examples
-    crash_epoch = int(spec.get("crash_at_epoch") or 0)
-    every = max(1, int(spec.get("checkpoint_every", 1)))
-    if start_epoch >= t.epochs and local and ckpt is not None:
-        ray.train.report({"epoch": start_epoch}, checkpoint=ckpt)  # nothing left to do: hand back the final one
-    final_metrics = None
-    for epoch in range(start_epoch, t.epochs):
-        began = time.perf_counter()
-        model.train()
-        loader.set_epoch(epoch)
-        crash_step = len(loader) // 2 if crash_epoch == epoch + 1 and rank == world - 1 else -1
-        total_loss, correct, seen = 0.0, 0, 0
-        for step, (x, y) in enumerate(loader):
-            if step == crash_step:
-                _maybe_crash(run_dir, crash_epoch)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if sync is None:
-                loss, logits = train_step(model, x, y, optimizer, scheduler, None, members)
-                total_loss += float(loss) * len(y)
-                correct += int((logits.softmax(-1).mean(1).argmax(-1) == y).sum())
-                seen += len(y)
-                continue
-            batch, start, length = _slice_of(step, n_train, t.batch_size, replica, replicas)
-            assert length == len(y), (length, len(y))
-            sync.begin(y, batch, start)
-            loss, _ = train_step(sync.model, x, y, optimizer, scheduler, sync, members)
-            if len(y):  # the slice's loss: mean over the slice of its members' losses (NaN when empty)
-                total_loss += float(loss) * len(y)
-            correct += sync.correct
-            seen += batch
-        if sync is not None:
-            gather_member_buffers(model, layout, rank)
-            total_loss = sum_over_workers(total_loss, device)  # member groups and replicas add up
-        last = epoch + 1 == t.epochs
-        save = last or (epoch + 1) % every == 0
-        row = {"epoch": epoch + 1, "train_loss": total_loss / max(seen, 1), "train_accuracy": correct / max(seen, 1)}
-        report_metrics: dict = {"epoch": epoch + 1}
-        tmp = None
-        if rank == 0:
-            val = evaluate(model, data.val, device)
-            row.update(val_accuracy=val["ensemble"]["accuracy"], val_nll=val["ensemble"]["nll"],
-                       seconds=time.perf_counter() - began, ended_at=time.time())
-            history.append(row)
-            _say(epoch_line(row, t.epochs))
-            if tracker is not None:
-                tracker.log_epoch(epoch + 1, row)
-            report_metrics.update(row)
-            if save:
-                metrics = {**val, "split": "val"}
-                if last:
-                    final_metrics = evaluate(model, data.test, device)
-                    metrics = {**final_metrics, "split": "test"}
-                    report_metrics.update(test_accuracy=final_metrics["ensemble"]["accuracy"],
-                                          test_nll=final_metrics["ensemble"]["nll"])
-                name = checkpoint_dir_name(epoch + 1)
-                tmp = run_dir / name if local else Path(tempfile.mkdtemp(prefix="superweights-ckpt-"))
-                write_checkpoint(tmp, config, data.info, model, optimizer, scheduler, metrics, history,
-                                 epoch + 1, run_id, layout, resumes)
-                if last:  # as `fit` does: exits, per-step FLOPs and the anytime schedule (greedy on val)
-                    write_anytime(tmp, anytime_record(model, config, data.info, data.val, device))
-                if last and tracker is not None:
-                    tracker.log_final(final_metrics, epoch + 1)
-                    tracker.log_artifacts(tmp, MODEL_FILES)
-        if save:
-            checkpoint = ray.train.Checkpoint.from_directory(str(tmp)) if tmp is not None else None
-            ray.train.report(report_metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_dir_name(epoch + 1))
-            if tmp is not None and not local:
-                shutil.rmtree(tmp, ignore_errors=True)
-    return {"epochs": t.epochs, "start_epoch": start_epoch}
+    if world > 1:
+        comm = WorkerCollective(layout, rank, data.info.num_classes, data.train.num_examples, t.batch_size, device)
+    else:
+        comm = Collective()
+    session = RaySession(spec, rank, world, layout)
+    result = run(config, data, device, comm, session, log=_say)
+    return {"epochs": t.epochs, "start_epoch": result.start_epoch}
 
 
 def _quiet_ray_train_logs() -> None:
@@ -213,27 +193,3 @@ def _maybe_crash(run_dir: Path, epoch: int) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     marker.write_text("injected\n")
     raise InjectedCrash(f"debug.crash_at_epoch={epoch}: injected worker crash (first attempt only)")
-
-
-def write_checkpoint(folder: Path, config, info, model, optimizer, scheduler, metrics: dict, history: list[dict],
-                     epoch: int, run_id: str | None, layout: Layout, resumes: list[int] = ()) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(folder, config, info, model, metrics, history)
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, folder / OPTIMIZER_FILE)
-    state = {"epoch": epoch, "history": history, "mlflow_run_id": run_id, "layout": layout.to_dict(),
-             "resumes": list(resumes)}  # epochs training was resumed at (restarts and reruns)
-    # Written last: its presence marks the folder complete.
-    (folder / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
-    return folder
-
-
-def restore(folder: Path, model, optimizer, scheduler, device) -> dict:
-    """Load model + optimizer + scheduler state in place; returns train_state.json (epoch, history, ...)."""
-    from safetensors.torch import load_file
-
-    state = json.loads((folder / STATE_FILE).read_text())
-    model.load_state_dict(load_file(str(folder / "weights.safetensors"), device=str(device)))
-    opt = torch.load(folder / OPTIMIZER_FILE, map_location=device, weights_only=True)
-    optimizer.load_state_dict(opt["optimizer"])
-    scheduler.load_state_dict(opt["scheduler"])
-    return state

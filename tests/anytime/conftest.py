@@ -1,7 +1,7 @@
 import pytest
 
 from ensemble.config import load_config
-from ensemble.training import fit
+from ensemble.loop import fit
 
 TINY = ('ensemble.members=["wrn-10-2","wrn-10-1"]', "data.train_per_class=10", "train.epochs=1",
         "train.batch_size=32", "bank.budget=0.4")

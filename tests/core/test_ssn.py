@@ -233,3 +233,75 @@ def test_aligned_layout_starts_every_slots_template_k_at_the_same_place():
     for i, spec in enumerate(plan.slots):
         windows = torch.stack([theta[k * big : k * big + spec.numel] for k in range(4)])
         torch.testing.assert_close(raw[i].detach().flatten(), windows.sum(0) / 2)
+
+
+# -- subset generation (issue 12: each member-parallel worker generates only what it runs) --------------
+
+
+def _loss_grads(bank, weights, ids, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    loss = sum((weights[i] * torch.randn(weights[i].shape, generator=g)).sum() for i in ids)
+    bank.zero_grad(set_to_none=True)
+    loss.backward()
+    coef = bank.coefficients.grad
+    return bank.bank.grad.clone(), None if coef is None else coef.clone()
+
+
+@pytest.mark.parametrize("upsample", UPSAMPLERS)
+@pytest.mark.parametrize("mode", ["one", "depth"])
+@pytest.mark.parametrize("budget", [4, 0.02, 0.1, 0.5, 2.0, 8.0])
+def test_subset_generation_is_the_full_generation_on_the_requested_slots(upsample, mode, budget):
+    plan, bank = make(budget, upsample, mode)
+    with torch.no_grad():  # masks as training leaves them (at 1 a masked copy is the plain vector)
+        bank.coefficients.add_(0.1 * torch.randn(plan.coefficient_params, generator=torch.Generator().manual_seed(2)))
+    for ids in (plan.member_slots(0), plan.member_slots(1), [9, 2, 2], [5], [1, 3, 10]):
+        sub, full = bank(slots=ids), bank()
+        assert len(sub) == len(full) == len(plan.slots)
+        for i, (s, f) in enumerate(zip(sub, full)):
+            if i in ids:
+                assert torch.equal(s, f), (i, plan.slot_layout[i])
+            else:
+                assert s is None, i
+        (sb, sc), (fb, fc) = _loss_grads(bank, sub, ids), _loss_grads(bank, full, ids)
+        assert torch.equal(sb, fb) and sb.abs().sum() > 0
+        assert (sc is None) == (fc is None)
+        if sc is not None:
+            assert torch.equal(sc, fc)
+    with pytest.raises(IndexError):
+        bank(slots=[-1])
+
+
+def test_subset_chained_wavg_regions_keep_the_full_tilings_values_when_it_wraps():
+    """A wrapping chain (one group, low budget): regions of a subset start mid-chain, beyond one period."""
+    plan, bank = make(0.1, "repeat", "one")
+    (g,) = plan.groups
+    wavg = [i for i in g.slots if plan.slot_layout[i].mode == "wavg"]
+    assert sum(plan.slot_layout[i].templates * plan.slots[i].numel for i in wavg) > 2 * g.params
+    last = wavg[-1]
+    assert torch.equal(bank(slots=[last])[last], bank()[last])
+
+
+def test_subset_generation_only_computes_the_requested_slots():
+    """Counted FLOPs of the wavg matmuls (K x S per slot, every slot wavg at budget 1.0): only the thin
+    member's, in forward; backward also shrinks."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    plan, bank = make(1.0, "repeat", "depth")
+    assert all(lay.mode == "wavg" for lay in plan.slot_layout)
+
+    def counted(ids):
+        with FlopCounterMode(display=False) as fc:
+            weights = bank(slots=ids) if ids is not None else bank()
+        forward = fc.get_total_flops()
+        with FlopCounterMode(display=False) as fc:
+            sum(w.sum() for w in weights if w is not None).backward()
+        return forward, fc.get_total_flops()
+
+    def wavg_flops(ids):
+        return sum(2 * plan.slot_layout[i].templates * plan.slots[i].numel for i in ids)
+
+    thin = plan.member_slots(1)
+    (full_fwd, full_bwd), (sub_fwd, sub_bwd) = counted(None), counted(thin)
+    assert full_fwd == wavg_flops(range(len(plan.slots)))
+    assert sub_fwd == wavg_flops(thin) < full_fwd
+    assert sub_bwd < full_bwd

@@ -1,9 +1,10 @@
 import torch
 
 from ensemble.data import load_data
-from ensemble.grouping import gradient_regroup, shared_pairs, unshare_coefficients
+from ensemble.grouping import shared_pairs, unshare_coefficients
+from ensemble.loop import fit
 from ensemble.model import build_ensemble
-from ensemble.training import fit, make_optimizer, train_step
+from ensemble.training import make_optimizer, train_step
 
 from .conftest import cfg
 
@@ -52,17 +53,22 @@ def test_same_seed_same_groups_and_exact_budget():
     config = cfg(*TWINS, 'ensemble.members=["wrn-10-2","wrn-10-1"]', "bank.grouping=gradient",
                  "grouping.warmup_epochs=1", "grouping.batches=2")
     data = _data(config)
-    a = gradient_regroup(config, data, "cpu", log=lambda s: None)
-    b = gradient_regroup(config, data, "cpu", log=lambda s: None)
+    a = fit(config, None, progress=False, log=lambda s: None, data=data).model.plan
+    b = fit(config, None, progress=False, log=lambda s: None, data=data).model.plan
+    depth = build_ensemble(config, data.info).plan
     assert a.to_json() == b.to_json()
-    assert a.bank_params == a.budget == build_ensemble(config, data.info).plan.budget
+    assert len(a.groups) > len(depth.groups)  # the learned groups, not the depth bins
+    assert a.bank_params == a.budget == depth.budget
 
 
 def test_learned_groups_and_sharing_are_in_plan_json(tmp_path):
     config = cfg(*TWINS, "train.epochs=2", "bank.grouping=gradient", "grouping.warmup_epochs=1",
                  "grouping.batches=2", "bank.unshare_epoch=1", "bank.unshare_threshold=1.01", "bank.unshare_batches=1")
     result = fit(config, tmp_path, progress=False, log=lambda s: None)
-    assert result.history[0]["unshared_pairs"] > 0
+    # epoch 1 is the warm-up, epoch 2 the first (re-initialised) training epoch, after which unsharing runs
+    assert [h["phase"] for h in result.history] == ["warm-up", "train", "train"]
+    assert result.history[0]["groups"] == len(result.model.plan.groups)
+    assert result.history[1]["unshared_pairs"] > 0
     import json
 
     saved = json.loads((tmp_path / "plan.json").read_text())["bank"]

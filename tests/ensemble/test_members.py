@@ -290,7 +290,7 @@ MIXED = ["wrn-10-2", "resnet-18-16", "mobilenetv2-50", "mlp-256-2"]
 
 
 def test_mixed_ensemble_trains_from_one_bank(tmp_path):
-    from ensemble.training import fit
+    from ensemble.loop import fit
 
     config = load_config(None, [
         "ensemble.members=" + "[" + ", ".join(f'"{n}"' for n in MIXED) + "]",

@@ -110,3 +110,111 @@ def test_eval_caches_generated_weights_until_the_bank_changes(model):
 
 def test_repeated_architectures_get_unique_labels():
     assert member_labels(["wrn-10-1", "wrn-10-1", "wrn-16-2"]) == ["wrn-10-1", "wrn-10-1#2", "wrn-16-2"]
+
+
+# -- subset generation (issue 12: each member-parallel worker generates only what it runs) --------------
+
+
+def _grads(model):
+    """Every parameter's gradient, a missing one as zeros (a member that did not run gets None)."""
+    return {n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p)) for n, p in model.named_parameters()}
+
+
+def _member_loss(out, weights):
+    return (out * weights).sum()
+
+
+@pytest.fixture(scope="module", params=["superweights-none", "superweights-all", "ssn-none", "ssn-all"])
+def any_model(request):
+    method, exits = request.param.split("-")
+    return build_ensemble(cfg(f'bank.method="{method}"', f'ensemble.exits="{exits}"', "bank.budget=0.3"), DIGITS)
+
+
+def test_a_member_subset_is_the_full_forward_bit_for_bit_with_the_same_gradients(any_model):
+    model = any_model.train()
+    torch.manual_seed(0)
+    x = torch.rand(6, 1, 8, 8)
+    probe = torch.randn(6, 1, 10)
+    model.zero_grad(set_to_none=True)
+    sub = model(x, members=[1])
+    _member_loss(sub, probe).backward()
+    sub_grads = _grads(model)
+    model.zero_grad(set_to_none=True)
+    full = model(x)
+    _member_loss(full[:, 1:2], probe).backward()
+    full_grads = _grads(model)
+    assert torch.equal(sub, full[:, 1:2])
+    assert sub_grads.keys() == full_grads.keys()
+    for name in sub_grads:
+        assert torch.equal(sub_grads[name], full_grads[name]), name
+    assert sub_grads["bank.bank"].abs().sum() > 0 and sub_grads["bank.coefficients"].abs().sum() > 0
+    if model.has_exits:  # every exit of members 2 and 0, in that order
+        probes = [torch.randn(6, model.num_exits[i], 10) for i in (2, 0)]
+        model.zero_grad(set_to_none=True)
+        sub = model.forward_exits_list(x, [2, 0])
+        sum(_member_loss(o, p) for o, p in zip(sub, probes)).backward()
+        sub_grads = _grads(model)
+        model.zero_grad(set_to_none=True)
+        full = model.forward_exits_list(x)
+        sum(_member_loss(full[i], p) for i, p in zip((2, 0), probes)).backward()
+        full_grads = _grads(model)
+        assert all(o.shape[1] > 1 for o in sub)
+        assert torch.equal(sub[0], full[2]) and torch.equal(sub[1], full[0])
+        for name in sub_grads:
+            assert torch.equal(sub_grads[name], full_grads[name]), name
+
+
+def test_a_training_forward_of_a_subset_generates_only_its_members_slots(any_model):
+    """Counted FLOPs: forward of member 1 = its own layers (run on given weights) + generation of exactly its
+    slots, which is less than generating every slot; the bank is asked for exactly those slots."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = any_model.train()
+    x = torch.rand(4, 1, 8, 8)
+
+    def flops(fn):
+        with FlopCounterMode(display=False) as fc:
+            fn()
+        return fc.get_total_flops()
+
+    weights = [w.detach() for w in model.bank()]
+    with model.using_weights(weights):
+        layers = flops(lambda: model(x, members=[1]))
+    mine = model.slots_of[1]
+    generation = flops(lambda: model.bank(slots=mine))
+    assert 0 < generation < flops(lambda: model.bank())
+    assert flops(lambda: model(x, members=[1])) == layers + generation
+    asked = []
+    original = model.bank.forward
+    model.bank.forward = lambda slots=None: asked.append(slots) or original(slots)
+    try:
+        model(x, members=[1])
+        model(x)
+    finally:
+        del model.bank.forward
+    assert asked == [mine, None]
+
+
+def test_subset_forwards_do_not_leak_into_the_inference_cache(any_model):
+    model = any_model.train()
+    x = torch.rand(4, 1, 8, 8)
+    with torch.no_grad():
+        expected = model(x)
+        model(x, members=[3])  # no grad: served from the full cache
+    model(x, members=[1]).sum().backward()  # grad: generates member 1 only
+    with torch.no_grad():
+        assert all(w is not None for w in model._weights())
+        assert torch.equal(model(x), expected)
+        assert torch.equal(model(x, members=[2, 0]), expected[:, [2, 0]])
+
+
+def test_using_weights_with_a_subset_uses_only_those_members_weights(any_model):
+    model = any_model.train()
+    x = torch.rand(4, 1, 8, 8)
+    leaves = [w.detach().requires_grad_() for w in model.bank()]
+    with model.using_weights(leaves):
+        (out,) = model.forward_exits_list(x, [1])  # every exit, so every slot of member 1 is used
+    out.sum().backward()
+    mine = set(model.slots_of[1])
+    assert all((leaves[i].grad is not None) == (i in mine) for i in range(len(leaves)))
+    assert torch.equal(out, model.forward_exits_list(x)[1])

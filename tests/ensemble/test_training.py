@@ -5,7 +5,8 @@ import torch
 
 from core.errors import SuperweightsError
 from ensemble.checkpoint import load_checkpoint
-from ensemble.training import ensemble_loss, fit
+from ensemble.loop import fit
+from ensemble.training import ensemble_loss
 
 from .conftest import cfg
 

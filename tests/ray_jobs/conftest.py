@@ -169,3 +169,33 @@ def metric_steps(uri: str, run_id: str, key: str) -> list[int]:
     from mlflow import MlflowClient
 
     return sorted(m.step for m in MlflowClient(uri).get_metric_history(run_id, key))
+
+
+JOB_EXCLUDES = [".venv", ".git", "runs", "mlruns", "mlartifacts", "*.db", "data", "__pycache__", ".pytest_cache",
+                ".ruff_cache", "*.egg-info", "compare"]
+
+
+def submit_job(ray_cluster: dict, entry: list[str], timeout: float = 240) -> tuple[str, str, str]:
+    """`ray job submit --no-wait --working-dir .` of `entry` on the session cluster, then wait (bounded) for
+    it to end; returns (job id, final status, logs). A job still running at the deadline is stopped."""
+    import json
+
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    submit = subprocess.run(
+        [RAY, "job", "submit", "--address", ray_cluster["dashboard"], "--no-wait", "--working-dir", ".",
+         "--runtime-env-json", json.dumps({"excludes": JOB_EXCLUDES}), "--", *entry],
+        cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert submit.returncode == 0, submit.stdout + submit.stderr
+    job_id = next(w.strip("'") for w in (submit.stdout + submit.stderr).split() if w.strip("'").startswith("raysubmit_"))
+    client = JobSubmissionClient(ray_cluster["dashboard"])
+    ended = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED)
+    deadline = time.monotonic() + timeout
+    status = client.get_job_status(job_id)
+    while status not in ended and time.monotonic() < deadline:
+        time.sleep(0.5)
+        status = client.get_job_status(job_id)
+    logs = client.get_job_logs(job_id)
+    if status not in ended:
+        client.stop_job(job_id)
+    return job_id, str(status), logs

@@ -19,7 +19,7 @@ from anytime.predictor import AnytimePredictor
 from anytime.store import load_anytime
 from core.errors import SuperweightsError
 from ensemble.config import load_config
-from ensemble.training import fit
+from ensemble.loop import fit
 from ray_jobs.model_uri import resolved_model
 from ray_jobs.serve import deployment
 

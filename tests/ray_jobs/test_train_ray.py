@@ -6,8 +6,7 @@ wrn-10-1 + wrn-10-2, a few epochs of a few steps.
 
 from __future__ import annotations
 
-import json
-import subprocess
+import re
 import sys
 import time
 
@@ -17,10 +16,10 @@ from safetensors.torch import load_file
 from core.errors import SuperweightsError
 from ensemble.config import load_config
 from ensemble.data import load_data
-from ensemble.training import fit
+from ensemble.loop import fit
 from ray_jobs.driver import RayOptions, train
 
-from .conftest import RAY, REPO, TWO_MEMBERS, metric_steps, mlflow_run
+from .conftest import TWO_MEMBERS, metric_steps, mlflow_run, submit_job
 
 pytestmark = pytest.mark.slow
 
@@ -121,32 +120,18 @@ def test_ray_job_submit_cli_end_to_end(ray_cluster, mlflow_uri, tmp_path):
     """The real `ray job submit --working-dir . -- python -m ray_jobs.train ...` on the loopback cluster:
     SUCCEEDED within a bounded time, and the run with its artifacts is in MLflow."""
     from mlflow import MlflowClient
-    from ray.job_submission import JobStatus, JobSubmissionClient
 
     name = f"job-{int(time.time())}"
-    excludes = [".venv", ".git", "runs", "mlruns", "mlartifacts", "*.db", "data", "__pycache__", ".pytest_cache",
-                ".ruff_cache", "*.egg-info"]
     entry = [sys.executable, "-m", "ray_jobs.train", "--set", "data.train_per_class=10", "--set", TWO_MEMBERS,
              "--set", "train.batch_size=50", "--set", "train.epochs=2", "--workers", "2", "--name", name,
              "--storage-path", str(tmp_path / "runs"), "--out", str(tmp_path / "out"), "--tracking-uri", mlflow_uri]
-    submit = subprocess.run(
-        [RAY, "job", "submit", "--address", ray_cluster["dashboard"], "--no-wait", "--working-dir", ".",
-         "--runtime-env-json", json.dumps({"excludes": excludes}), "--", *entry],
-        cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert submit.returncode == 0, submit.stdout + submit.stderr
-    job_id = next(w.strip("'") for w in (submit.stdout + submit.stderr).split() if w.strip("'").startswith("raysubmit_"))
-
-    client = JobSubmissionClient(ray_cluster["dashboard"])
-    deadline = time.monotonic() + 240
-    status = client.get_job_status(job_id)
-    while status not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED) and time.monotonic() < deadline:
-        time.sleep(1)
-        status = client.get_job_status(job_id)
-    logs = client.get_job_logs(job_id)
-    if status != JobStatus.SUCCEEDED:
-        client.stop_job(job_id)
-    assert status == JobStatus.SUCCEEDED, logs[-3000:]
+    _, status, logs = submit_job(ray_cluster, entry)
+    assert status == "SUCCEEDED", logs[-3000:]
     assert "ensemble (mean)" in logs and "MLflow run:" in logs
+    # no Ray error lines: Ray Train's preemption watcher ("E ... core_worker ... PreemptionWatcher") and its
+    # placement-group cleaner ("Found multiple active Ray instances") used to print into every submitted job
+    assert "PreemptionWatcher" not in logs and "Found multiple active Ray instances" not in logs, logs[-3000:]
+    assert not re.search(r"^.*\[\d{4}-\d\d-\d\d [\d:,]+ E \d+ \d+\]", logs, re.M) and "Traceback" not in logs
 
     mlflow = MlflowClient(mlflow_uri)
     exp = mlflow.get_experiment_by_name("superweights")
