@@ -1,8 +1,8 @@
 """anytime.json next to a checkpoint: exits, per-step FLOPs and the schedule, checked against the model.
 
-`ensemble.training.fit` writes it; checkpoints written elsewhere (e.g. by Ray workers) get it computed on
-first use here (FLOPs are measured once per plan, the greedy schedule needs the validation split) and
-cached in the folder when it is writable.
+The training loop (`ensemble.loop.run`) writes it into the final checkpoint; folders without it
+(intermediate epoch checkpoints, older runs) get it computed on first use here (FLOPs are measured once
+per plan, the greedy schedule needs the validation split) and cached in the folder when it is writable.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ with --seeds/--budgets/--methods) runs twice in this one process, on one local R
 and the worker processes' imports are not timed), each pass into its own fresh MLflow store in a temporary
 folder (migrated before the clock starts, so the second pass reuses nothing): `--max-concurrent 1`, then
 `--max-concurrent 2`. Prints both wall times, the ratio and whether the two tables are equal (they must be:
-one torch thread per child either way); `--write` puts them into BENCHMARKS.md.
+one torch thread per child either way); `--no-write` keeps them out of BENCHMARKS.md.
 
 The default comparison is ~25 min per pass on 2 cores.
 """
@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, default=DEFAULT_SEEDS)
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--section", default="compare-concurrency", help="BENCHMARKS.md section")
-    p.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
+    p.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
     args = p.parse_args(argv)
     budgets = [float(b) for b in args.budgets.split(",")]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -104,7 +104,7 @@ def main(argv=None) -> int:
         f"Same table from both passes: {'yes' if same else 'NO'} (every number).",
     ])
     print(body)
-    if args.write:
+    if not args.no_write:
         write_section(args.section, body)
     return 0 if same else 1
 

@@ -1,1 +1,1 @@
-"""Members and their registry, the ensemble model, data, config, single-process training, metrics."""
+"""Members and their registry, the ensemble model, data, config, the training loop, metrics."""

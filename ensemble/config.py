@@ -97,6 +97,7 @@ class RayConfig:
     use_gpu: bool = False
     checkpoint_every: int = 1  # epochs between checkpoints (the last epoch is always checkpointed)
     max_failures: int = 1  # worker failures to recover from (-1 = unlimited)
+    cpus_per_worker: int = 0  # CPUs (= torch threads) per worker; 0 = the cluster's free CPUs shared evenly
     address: str = ""  # "" = $RAY_ADDRESS, else a new local Ray
     storage_path: str = "runs/ray"  # Ray Train checkpoints: <storage_path>/<run name>
 

@@ -7,8 +7,9 @@ exit `(B, E, C)`, so `core.slots.trace_slots` lists the exit linears as bank slo
 any other weight. A *step* advances one member to its next exit; `advance(h, k)` runs exactly the ops of
 step k, so per-step FLOPs sum to the full forward.
 
-Schedules and costs live here (not in `anytime/`) because `ensemble.training.fit` writes them into the
-checkpoint (anytime.json) and `ensemble` must not import `anytime` (layering core <- ensemble <- anytime).
+Schedules and costs live here (not in `anytime/`) because the training loop (`ensemble.loop.run`) writes
+them into the final checkpoint (anytime.json) and `ensemble` must not import `anytime` (layering
+core <- ensemble <- anytime).
 """
 
 from __future__ import annotations

@@ -37,6 +37,7 @@ from pathlib import Path
 
 from core.errors import SuperweightsError
 from ensemble.config import Config, load_config
+from ensemble.loop import total_epochs
 
 from .compare_plots import plot_accuracy_vs_params, plot_anytime_panels
 from .tracking import RunLogger, check_tracking_uri, default_tracking_uri, end_run, plan_params, start_run
@@ -222,7 +223,7 @@ def log_child(uri: str, run_id: str, child: Child, summary: dict, result: dict) 
     logger = RunLogger(uri, run_id)
     for row in result["history"]:
         logger.log_epoch(row["epoch"], row)
-    logger.log_final(result["metrics"], child.config.train.epochs)
+    logger.log_final(result["metrics"], total_epochs(child.config))
     metrics = {"total_params": summary["total_params"], "full_ensemble_params": summary["full_ensemble_params"],
                "test_auc": result["summary"]["auc"]}
     for k, v in metrics.items():

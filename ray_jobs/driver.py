@@ -3,8 +3,8 @@
 `train(config, options, ...)` is what `superweights train` and `python -m ray_jobs.train` call:
 
 1. fail fast, before anything starts: options, tracking URI (server reachable? SQLite path absolute?),
-   Ray address reachable, data present, plan fits the budget, workers <= CPUs (Ray itself would wait
-   forever for CPUs that do not exist), batch divisible by the data replicas;
+   Ray address reachable, data present, plan fits the budget, workers (x `cpus_per_worker`) <= CPUs (Ray
+   itself would wait forever for CPUs that do not exist), batch divisible by the data replicas;
 2. lay the workers out as `member_groups x data_replicas` (members balanced by FLOPs);
 3. create the MLflow run (or re-open it when `<storage>/<name>` already holds this run: resume);
 4. `TorchTrainer(train_loop, ScalingConfig(num_workers, use_gpu, resources_per_worker),
@@ -12,7 +12,7 @@
    in this process (Ray Train V2 local mode): one code path;
 5. end the MLflow run FINISHED, or FAILED/KILLED on any error, and copy the final model files to `out`.
 
-`RayOptions` holds the settings that belong in the config's future `[ray]` section.
+`RayOptions` holds the config's `[ray]` (and `[debug]`) settings, which command-line flags override.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ class RayOptions:
     use_gpu: bool = False  # one GPU per worker
     checkpoint_every: int = 1  # epochs between checkpoints (the last epoch is always checkpointed)
     max_failures: int = 1  # worker-group restarts from the last checkpoint (-1 = unlimited)
+    cpus_per_worker: int = 0  # CPUs (and torch threads) per worker; 0 = the cluster's free CPUs shared evenly
     address: str = ""  # Ray cluster (host:port, ray://host:10001, auto); "" = $RAY_ADDRESS or a local Ray
     storage_path: str = "runs/ray"  # checkpoints live in <storage_path>/<run name>; made absolute
     crash_at_epoch: int = 0  # debug: one worker raises during this epoch, first attempt only (0 = off)
@@ -67,6 +68,7 @@ class RayOptions:
 
     def validate(self) -> RayOptions:
         for key, value, low in (("ray.workers", self.workers, -1), ("ray.checkpoint_every", self.checkpoint_every, 1),
+                                ("ray.cpus_per_worker", self.cpus_per_worker, 0),
                                 ("ray.max_failures", self.max_failures, -1), ("debug.crash_at_epoch", self.crash_at_epoch, 0)):
             if value < low:
                 raise SuperweightsError(f"{key} must be >= {low}, got {value}")
@@ -179,7 +181,7 @@ def _free_loopback_port() -> int:
         return s.getsockname()[1]
 
 
-def _cluster_check(workers: int, use_gpu: bool) -> None:
+def _cluster_check(workers: int, use_gpu: bool, cpus_per_worker: int = 1) -> None:
     import ray
 
     res = ray.cluster_resources()
@@ -188,6 +190,11 @@ def _cluster_check(workers: int, use_gpu: bool) -> None:
         raise SuperweightsError(
             f"{workers} workers need {workers} CPUs but the Ray cluster has {cpus:g}: use --workers <= {int(cpus)} "
             "(Ray would otherwise wait forever)"
+        )
+    if workers * max(cpus_per_worker, 1) > cpus:
+        raise SuperweightsError(
+            f"{workers} workers x {cpus_per_worker} CPUs need {workers * cpus_per_worker} CPUs but the Ray cluster "
+            f"has {cpus:g}: lower --cpus-per-worker (0 = share the free CPUs)"
         )
     if use_gpu and workers > gpus:
         raise SuperweightsError(f"{workers} GPU workers need {workers} GPUs but the Ray cluster has {gpus:g}")
@@ -247,6 +254,10 @@ def train(config: Config, options: RayOptions = RayOptions(), *, name: str | Non
 
     import ray
 
+    for option, value in (("--storage-path", options.storage_path), ("--out", out)):
+        if value is not None and "://" in str(value):  # Path() would turn s3://b/x into <cwd>/s3:/b/x silently
+            raise SuperweightsError(f"{option} {value!r} is a URI: checkpoints and model files go to a local or "
+                                    "NFS path (mounted on every node); cloud storage URIs are not supported yet")
     storage = Path(options.storage_path).expanduser().absolute()
     run_name, run_dir, record = _resolve_run(storage, name, config.bank.method)
     if record and uri and record.get("tracking_uri") != uri:
@@ -275,7 +286,7 @@ def train(config: Config, options: RayOptions = RayOptions(), *, name: str | Non
             started_ray = _init_ray(address, log)
             if workers < 0:
                 workers = min(2, int(ray.cluster_resources().get("CPU", 1)))
-            _cluster_check(workers, options.use_gpu)
+            _cluster_check(workers, options.use_gpu, options.cpus_per_worker)
         t = config.train
         data = load_data(config.data, t.seed, t.batch_size, t.eval_batch_size)
         summary = plan_summary(config, data.info, before_training=True)
@@ -283,7 +294,7 @@ def train(config: Config, options: RayOptions = RayOptions(), *, name: str | Non
         layout = resolve_layout(workers, options.member_groups, options.data_replicas, flops, t.batch_size)
         if workers != 0 and not connected:
             started_ray = _init_ray(address, log)
-            _cluster_check(workers, options.use_gpu)
+            _cluster_check(workers, options.use_gpu, options.cpus_per_worker)
         labels = member_labels(list(config.ensemble.members))
         log(f"{len(labels)} members ({', '.join(labels)}) on {data.info.name}: {data.train.num_examples} train / "
             f"{data.val.num_examples} val / {data.test.num_examples} test images")
@@ -360,6 +371,16 @@ def _method_steps(config: Config) -> list[str]:
     return lines
 
 
+def worker_cpus(workers: int, cpus_per_worker: int) -> int:
+    """CPUs each worker reserves (Ray then gives it that many OMP/torch threads). Default: the free CPUs shared
+    evenly, so 1 worker on 2 CPUs trains with 2 threads, as in-process training does, not with 1."""
+    if cpus_per_worker or workers == 0:
+        return max(cpus_per_worker, 1)
+    import ray
+
+    return max(1, int(ray.available_resources().get("CPU", 1)) // workers)
+
+
 def _fit(spec: dict, workers: int, options: RayOptions, run_name: str, storage: Path):
     from ray.train import (
         CheckpointConfig,
@@ -375,9 +396,10 @@ def _fit(spec: dict, workers: int, options: RayOptions, run_name: str, storage: 
 
     if workers == 0:  # local mode logs its start and every report at INFO on the driver's console
         logging.getLogger("ray.train").setLevel(logging.WARNING)
-    resources = {"CPU": 1}
+    resources = {"CPU": worker_cpus(workers, options.cpus_per_worker)}
     if options.use_gpu:
         resources["GPU"] = 1
+    spec = {**spec, "threads": resources["CPU"]}
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=spec,

@@ -40,6 +40,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data-replicas", type=int,
                    help="split every batch over this many workers per member group (default: derive)")
     g.add_argument("--use-gpu", action="store_true", default=None, help="one GPU per worker")
+    g.add_argument("--cpus-per-worker", type=int,
+                   help="CPUs (and torch threads) each worker reserves (default: the free CPUs shared evenly)")
     g.add_argument("--checkpoint-every", type=int, metavar="EPOCHS",
                    help=f"epochs between checkpoints (default: {_D.checkpoint_every}; the last epoch always)")
     g.add_argument("--max-failures", type=int,
@@ -60,7 +62,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
 
 
-_OPTION_ARGS = ("workers", "member_groups", "data_replicas", "use_gpu", "checkpoint_every", "max_failures", "address",
+_OPTION_ARGS = ("workers", "member_groups", "data_replicas", "use_gpu", "cpus_per_worker", "checkpoint_every",
+                "max_failures", "address",
                 "storage_path", "crash_at_epoch")  # argparse dest == RayOptions field
 
 

@@ -154,6 +154,7 @@ def train_loop(spec: dict) -> dict:
         import ray.train.torch
 
         device = ray.train.torch.get_device() if spec.get("use_gpu") else torch.device("cpu")
+        torch.set_num_threads(int(spec.get("threads", 1)))  # the CPUs this worker reserved
     t = config.train
     data = load_data(config.data, t.seed, t.batch_size, t.eval_batch_size)
     if world > 1:

@@ -189,3 +189,34 @@ def test_ray_job_submit_compare_end_to_end(ray_cluster, mlflow_uri, tmp_path):
     artifacts = {a.path for a in MlflowClient(mlflow_uri).list_artifacts(child.info.run_id, "anytime")}
     assert {"anytime/anytime.csv", "anytime/summary.json", "anytime/anytime.png"} <= artifacts
 
+
+
+@pytest.mark.slow
+def test_method_steps_run_in_compare_children(ray_connected, mlflow_uri, tmp_path):
+    """The compare children run the same loop as `train`: learned SSN groups (pre-training + k-means) and,
+    for the superweights child, gradient regrouping and unsharing; their plans reach MLflow."""
+    import json
+
+    from mlflow import MlflowClient
+
+    overrides = [*TINY, "train.epochs=2", "bank.ssn_groups=learned", "bank.pretrain_steps=3", "bank.groups=2",
+                 "bank.grouping=gradient", "grouping.warmup_epochs=1", "grouping.batches=1", "bank.unshare_epoch=1",
+                 "bank.unshare_batches=1", "bank.unshare_threshold=1.01"]  # 1.01: every shared pair splits
+    report = compare(CONFIG, overrides, [0.1], 1, ["superweights", "ssn-repeat", "full"], "method-steps", mlflow_uri,
+                     tmp_path / "report", log=lambda s: None, resources=ChildResources(max_concurrent=2))
+    assert [r["method"] for r in report["rows"]] == ["superweights", "ssn-repeat", "full"]
+    runs = runs_of(mlflow_uri, "method-steps")
+    client = MlflowClient(mlflow_uri)
+
+    def plan_of(run):
+        path = client.download_artifacts(run.info.run_id, "checkpoint/plan.json", str(tmp_path / run.info.run_id))
+        return json.loads(open(path).read())["bank"]
+
+    ssn = plan_of(runs["ssn-repeat b=0.1 s=0"])
+    assert len(ssn["groups"]) == 2  # k-means groups, not the 4 depth bins
+    sw_run = runs["superweights b=0.1 s=0"]
+    sw = plan_of(sw_run)
+    assert len({s["group"] for s in sw["slots"]}) == sw_run.data.metrics["groups"] > 8  # learned, not depth
+    assert sw_run.data.metrics["unshared_pairs"] > 0
+    assert len({s["coef"] for s in sw["slots"]}) == sw_run.data.metrics["coefficient_sets"]
+    assert runs["full b=None s=0"].info.status == "FINISHED"

@@ -99,6 +99,15 @@ def test_unreachable_ray_address_fails_fast(capsys, tmp_path):
     (["--workers", "2", "--member-groups", "3"], "cannot split 2 members over 3 member groups"),
     (["--workers", "2", "--member-groups", "2", "--data-replicas", "2"], "must equal the 2 workers"),
     (["--checkpoint-every", "0"], "ray.checkpoint_every must be >= 1"),
+    (["--cpus-per-worker", "-1"], "ray.cpus_per_worker must be >= 0"),
+    (["--storage-path", "s3://bucket/runs"], "--storage-path 's3://bucket/runs' is a URI"),
+    (["--out", "gs://bucket/model"], "--out 'gs://bucket/model' is a URI"),
+    # keys of the SuperWeight method's learning steps: honoured by the loop or refused, never ignored
+    (["--set", "bank.method=full", "--set", "bank.grouping=gradient"], "bank.grouping='gradient' is a SuperWeights step"),
+    (["--set", "bank.method=ssn", "--set", "bank.unshare_epoch=1"], "bank.unshare_epoch=1 is a SuperWeights step"),
+    (["--set", "train.epochs=3", "--set", "bank.unshare_epoch=4"], "bank.unshare_epoch must be between 0 (never) and"),
+    (["--set", "bank.share_coefficients=false", "--set", "bank.unshare_epoch=1"], "nothing to unshare"),
+    (["--set", "grouping.batches=0"], "grouping.batches must be >= 1"),
 ])
 def test_bad_train_options_are_one_line_errors(capsys, tmp_path, argv, match):
     base = ["train", "--set", TWO_MEMBERS, "--storage-path", str(tmp_path)]
