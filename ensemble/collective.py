@@ -10,6 +10,7 @@ member-parallel x data-parallel layouts. In one process every call is the identi
   called again whenever the model or its parameters change (regrouping, unsharing);
 * `begin(step, y)` before each forward on batch `step` of an epoch (`y`: this worker's slice);
 * `after_backward`: `train_step`'s hook between backward and the optimizer step (gradient all-reduce);
+* `step_finite(loss)`: False when the step diverged (the same answer on every worker);
 * `step_stats(loss, logits, y)`: (loss x examples, correct, examples) of a step for the epoch's train
   metrics, over the global batch once the epoch's `sum_float` has run;
 * `sum_(t)`: sum a tensor over workers in place (gradients measured per member group / replica);
@@ -17,6 +18,8 @@ member-parallel x data-parallel layouts. In one process every call is the identi
 """
 
 from __future__ import annotations
+
+import math
 
 from torch import Tensor, nn
 
@@ -43,6 +46,10 @@ class Collective:
     def step_stats(self, loss: Tensor, logits: Tensor, y: Tensor) -> tuple[float, int, int]:
         correct = int((logits.softmax(-1).mean(1).argmax(-1) == y).sum())
         return float(loss) * len(y), correct, len(y)
+
+    def step_finite(self, loss: Tensor) -> bool:
+        """Whether the step's loss is finite; every worker must give the same answer (they stop together)."""
+        return math.isfinite(float(loss))
 
     def sum_(self, t: Tensor) -> Tensor:
         return t

@@ -7,7 +7,7 @@ Nothing here touches the network unless `data.download=true` is asked for (CIFAR
 
 from __future__ import annotations
 
-import pickle
+import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from core.errors import SuperweightsError
 from ensemble.config import DataConfig
+from ensemble.safe_unpickle import ForbiddenGlobalError, restricted_loads
 
 DATASETS = ("digits", "cifar10", "cifar100", "imagefolder")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -58,6 +59,43 @@ _CIFAR = {
     },
 }
 
+# The official md5 of every file of the python-format archives, as torchvision's CIFAR10/CIFAR100 carry them
+# (`train_list`, `test_list`, `meta`; a test checks they agree). A batch file is unpickled only when its bytes
+# have the official md5, so a planted or damaged file is refused before any of it is read as a pickle. md5 is
+# broken for collisions, not for matching a given file: nobody can make a second file with these digests.
+# Tests building tiny CIFAR folders register their files' digests here; there is deliberately no switch that
+# skips the check (re-packed files are refused: re-download or re-extract the official archive).
+CIFAR_MD5: dict[str, dict[str, str]] = {
+    "cifar10": {
+        "data_batch_1": "c99cafc152244af753f735de768cd75f",
+        "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
+        "data_batch_3": "54ebc095f3ab1f0389bbae665268c751",
+        "data_batch_4": "634d18415352ddfa80567beed471001a",
+        "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb",
+        "test_batch": "40351d587109b95175f43aff81a1287e",
+        "batches.meta": "5ff9c542aee3614f3951f8cda6e48888",
+    },
+    "cifar100": {
+        "train": "16019d7e3df5f24257cddd939b257f8d",
+        "test": "f0ef6b0ae62326f3e7ffdfab6717acfc",
+        "meta": "7973b15100ade9c7d40fb424638fde48",
+    },
+}
+
+# All the globals a python-format CIFAR batch refers to: a batch is a dict of (bytes or str) keys to a uint8
+# numpy array ("data"), lists of ints (labels), bytes/str (batch_label) and lists of bytes/str (filenames).
+# Containers, ints and strings are pickle opcodes; only the array needs globals: numpy pickles an ndarray as
+# `_reconstruct(ndarray, (0,), b"b")` + state holding a `dtype(...)`. The archives were written by Python 2
+# numpy (`numpy.core.multiarray`); numpy >= 2 writes `numpy._core.multiarray` (and keeps the old name loadable).
+_CIFAR_PICKLE_GLOBALS = frozenset(
+    {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+    }
+)
+
 
 @dataclass(frozen=True)
 class DatasetInfo:
@@ -89,6 +127,12 @@ def _imagefolder_classes(root: Path) -> list[str]:
     if not classes:
         raise SuperweightsError(
             f"image folder {train} has no class subfolders: expected {train}/<class>/*.png|jpg|jpeg"
+        )
+    if len(classes) < 2:
+        # One class trains to a constant "prediction" and reports accuracy 1.0: no classifier to learn.
+        raise SuperweightsError(
+            f"image folder {train} has only 1 class subfolder ({classes[0]!r}): a classifier needs at least 2 "
+            f"classes, one subfolder of images each ({train}/<class>/*.png|jpg|jpeg)"
         )
     return classes
 
@@ -287,11 +331,37 @@ def _load_digits(cfg: DataConfig, seed: int) -> tuple[np.ndarray, ...]:
     return x[pool], y[pool], x[test], y[test]
 
 
-def _unpickle(path: Path, title: str) -> dict:
+def _read_checked(path: Path, name: str, spec: dict) -> bytes:
+    """The file's bytes, once they are known to be the official file (the same bytes are then unpickled, so
+    the file cannot be swapped between the check and the load)."""
+    title = spec["title"]
     try:
-        with open(path, "rb") as f:
-            d = pickle.load(f, encoding="latin1")
-    except (OSError, pickle.UnpicklingError, EOFError, ValueError) as e:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise SuperweightsError(f"cannot read {title} file {path}: {' '.join(str(e).split())}") from None
+    expected = CIFAR_MD5[name].get(path.name)  # a name with no official md5 is refused too (fail closed)
+    got = hashlib.md5(raw, usedforsecurity=False).hexdigest()
+    if got != expected:
+        raise SuperweightsError(
+            f"{title} file {path} does not match the official {title} md5 (md5 {got}, expected {expected}): "
+            f"it is damaged or not an original {title} file, so it is not loaded; re-download it (delete "
+            f"{path.parent} and rerun with data.download=true (--download), or extract the official "
+            f"{spec['archive']} into {path.parent.parent} again)"
+        )
+    return raw
+
+
+def _unpickle(path: Path, name: str, spec: dict) -> dict:
+    title = spec["title"]
+    raw = _read_checked(path, name, spec)
+    try:
+        d = restricted_loads(raw, _CIFAR_PICKLE_GLOBALS, encoding="bytes")
+    except ForbiddenGlobalError as e:
+        raise SuperweightsError(
+            f"{title} file {path} holds a {e.qualname} object, which a CIFAR batch never contains: "
+            "refusing to load it"
+        ) from None
+    except Exception as e:  # a damaged pickle fails in many types (also inside numpy); one line either way
         raise SuperweightsError(f"cannot read {title} file {path}: {' '.join(str(e).split())}") from None
     if not isinstance(d, dict):
         raise SuperweightsError(
@@ -300,8 +370,9 @@ def _unpickle(path: Path, title: str) -> dict:
     return {(k.decode("latin1") if isinstance(k, bytes) else k): v for k, v in d.items()}
 
 
-def _read_cifar_batch(path: Path, spec: dict, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    d = _unpickle(path, spec["title"])
+def _read_cifar_batch(path: Path, name: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    spec = _CIFAR[name]
+    d = _unpickle(path, name, spec)
     if "data" not in d or spec["label_key"] not in d:
         raise SuperweightsError(
             f"{spec['title']} file {path} lacks the 'data' or '{spec['label_key']}' entry of a python-format batch"
@@ -344,8 +415,8 @@ def _load_cifar(cfg: DataConfig, num_classes: int) -> tuple[np.ndarray, ...]:
             f"archive there (extract {spec['archive']} into {root}) or set data.download=true (--download) "
             "where a network exists"
         )
-    parts = [_read_cifar_batch(folder / n, spec, num_classes) for n in spec["train"]]
-    x_test, y_test = _read_cifar_batch(folder / spec["test"], spec, num_classes)
+    parts = [_read_cifar_batch(folder / n, cfg.name, num_classes) for n in spec["train"]]
+    x_test, y_test = _read_cifar_batch(folder / spec["test"], cfg.name, num_classes)
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), x_test, y_test
 
 
@@ -391,6 +462,14 @@ def _load_imagefolder(cfg: DataConfig) -> tuple[np.ndarray, ...]:
     return x_train, y_train, x_test, y_test
 
 
+def _data_location(cfg: DataConfig) -> str:
+    if cfg.name in _CIFAR:
+        return f"{_CIFAR[cfg.name]['title']} folder {_abs(cfg.root) / _CIFAR[cfg.name]['folder']}"
+    if cfg.name == "imagefolder":
+        return f"image folder {_abs(cfg.root) / 'train'}"
+    return f"dataset {cfg.name}"
+
+
 def load_data(cfg: DataConfig, seed: int, batch_size: int, eval_batch_size: int) -> DataSplits:
     info = dataset_info(cfg)
     if not 0 <= cfg.val_fraction < 1:
@@ -409,6 +488,12 @@ def load_data(cfg: DataConfig, seed: int, batch_size: int, eval_batch_size: int)
     else:
         x_pool, y_pool, x_test, y_test = _load_imagefolder(cfg)
         scale = 255.0
+    present = np.unique(y_pool)
+    if len(present) < 2:
+        raise SuperweightsError(
+            f"{_data_location(cfg)} holds training images of {len(present)} class(es) only: a classifier needs "
+            "at least 2 classes"
+        )
     train, val = _stratified_split(y_pool, cfg.val_fraction, seed, "data.val_fraction")
     if cfg.train_per_class > 0:
         train = train[_per_class_subset(y_pool[train], cfg.train_per_class, seed)]

@@ -31,6 +31,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from core.errors import SuperweightsError
+
 from .collective import Collective
 from .config import Config
 from .data import DataSplits, load_data
@@ -40,6 +42,18 @@ from .model import StackedEnsemble, build_ensemble
 from .ssn_model import learned_ssn_groups, make_ssn_plan
 from .train_state import read_train_state, restore_into, write_train_state
 from .training import evaluate, make_optimizer, resolve_device, train_step
+
+
+class Diverged(SuperweightsError):
+    """Training produced a non-finite loss or weight: the run stops there; nothing is written as final."""
+
+
+def diverged_message(config: Config, where: str, what: str) -> str:
+    t, b = config.train, config.bank
+    hint = f"lower train.lr (now {t.lr:g})"
+    if b.method != "full":
+        hint += f"; a very small bank.budget (now {b.budget:g}) can also make training unstable"
+    return f"training diverged at {where}: {what} is not finite (NaN or infinity); {hint}"
 
 
 def warmup_epochs(config: Config) -> int:
@@ -166,11 +180,15 @@ def run(config: Config, data: DataSplits, device, comm: Collective | None = None
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             comm.begin(step, y)
             loss, logits = train_step(comm.view, x, y, optimizer, scheduler, comm.after_backward, comm.members)
+            if not comm.step_finite(loss):
+                raise Diverged(diverged_message(config, f"epoch {epoch + 1}, step {step + 1}", "the training loss"))
             step_loss, step_correct, step_seen = comm.step_stats(loss, logits, y)
             loss_sum, correct, seen = loss_sum + step_loss, correct + step_correct, seen + step_seen
             if seen:
                 bar.set_postfix(loss=f"{loss_sum / seen:.3f}")
         comm.sync_buffers(model)
+        if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):  # identical on every worker
+            raise Diverged(diverged_message(config, f"the end of epoch {epoch + 1}", "a weight"))
         loss_sum = comm.sum_float(loss_sum)  # member groups and replicas add up
         row = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1)}
         if warm:

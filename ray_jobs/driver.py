@@ -33,8 +33,16 @@ from core.errors import SuperweightsError
 from ensemble.config import Config
 
 from .parallel import Layout, available_cpus, resolve_layout
-from .tracking import EXPERIMENT, check_tracking_uri, default_tracking_uri, end_run, plan_params, start_run
-from .worker import MODEL_FILES, STATE_FILE, latest_local_checkpoint
+from .tracking import (
+    EXPERIMENT,
+    check_tracking_uri,
+    default_tracking_uri,
+    end_run,
+    plan_params,
+    set_failure_tag,
+    start_run,
+)
+from .worker import DIVERGED_FILE, MODEL_FILES, STATE_FILE, latest_local_checkpoint
 
 RUN_FILE = "superweights_run.json"  # in <storage>/<name>: MLflow run id + tracking URI, for resume
 
@@ -326,7 +334,10 @@ def train(config: Config, options: RayOptions = RayOptions(), *, name: str | Non
             "tracking_uri": uri, "run_id": run_id, "checkpoint_every": options.checkpoint_every,
             "crash_at_epoch": options.crash_at_epoch, "use_gpu": options.use_gpu, "device": device,
         }
+        (run_dir / DIVERGED_FILE).unlink(missing_ok=True)  # a reason from an earlier attempt is not this one's
         result = _fit(spec, workers, options, run_name, storage)
+        if (run_dir / DIVERGED_FILE).is_file():  # no model files: the run did not finish
+            raise SuperweightsError((run_dir / DIVERGED_FILE).read_text().strip())
         ckpt = Path(result.checkpoint.path) if result.checkpoint is not None else latest_local_checkpoint(run_dir)
         if ckpt is None or not (ckpt / STATE_FILE).is_file():
             raise SuperweightsError(f"training ended without a final checkpoint in {run_dir}")
@@ -347,6 +358,10 @@ def train(config: Config, options: RayOptions = RayOptions(), *, name: str | Non
                             extra={"resumes": state.get("resumes", [])})
     except KeyboardInterrupt:
         status = "KILLED"
+        raise
+    except SuperweightsError as e:  # the reason, next to the FAILED status (e.g. where training diverged)
+        if run_id:
+            set_failure_tag(uri, run_id, str(e))
         raise
     finally:
         if run_id:
@@ -413,7 +428,7 @@ def _fit(spec: dict, workers: int, options: RayOptions, run_name: str, storage: 
     try:
         return trainer.fit()
     except TrainingFailedError as e:
-        raise SuperweightsError(
-            f"training failed ({_worker_error(e)}); the last checkpoint is in {storage / run_name}: rerun with "
-            f"--name {run_name} to resume"
-        ) from e
+        last = latest_local_checkpoint(storage / run_name)
+        advice = (f"; the last checkpoint is {last}: rerun with --name {run_name} to resume" if last is not None
+                  else "; no checkpoint was written")
+        raise SuperweightsError(f"training failed ({_worker_error(e)}){advice}") from e

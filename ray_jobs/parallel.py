@@ -285,6 +285,7 @@ class StepSync:
         self._y: Tensor | None = None
         self._logits: Tensor | None = None
         self.correct = 0
+        self.finite = True
 
     def begin(self, y: Tensor, batch: int, start: int) -> None:
         self._y, self._batch, self._rows = y, batch, (start, start + len(y))
@@ -333,6 +334,9 @@ class StepSync:
         labels = tail[:batch].round().long()
         mean_probs = tail[batch:].view(batch, c) / self.num_members
         self.correct = int((mean_probs.argmax(-1) == labels).sum())
+        # Every rank sees every rank's outputs here, so all of them agree whether the step diverged (a NaN
+        # or infinite logit anywhere makes its softmax NaN) and stop together instead of one hanging.
+        self.finite = bool(torch.isfinite(tail).all())
 
 
 class _WeightedOutputs:
@@ -421,6 +425,9 @@ class WorkerCollective(Collective):
     def step_stats(self, loss: Tensor, logits: Tensor, y: Tensor) -> tuple[float, int, int]:
         # The slice's loss: mean over the slice of its members' losses (NaN when the slice is empty).
         return (float(loss) * len(y) if len(y) else 0.0), self.sync.correct, self.sync._batch
+
+    def step_finite(self, loss: Tensor) -> bool:
+        return self.sync.finite
 
     def sum_(self, t: Tensor) -> Tensor:
         dist.all_reduce(t)

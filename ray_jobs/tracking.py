@@ -125,6 +125,17 @@ def end_run(uri: str, run_id: str, status: str) -> None:
         pass
 
 
+FAILURE_TAG = "superweights.failure"
+
+
+def set_failure_tag(uri: str, run_id: str, reason: str) -> None:
+    """Why a run FAILED, as a tag; never raises (it runs while the error is being reported)."""
+    try:
+        _client(uri).set_tag(run_id, FAILURE_TAG, reason[:5000])
+    except Exception:  # pragma: no cover - the store is gone; nothing better to do
+        pass
+
+
 def _one_line(e: BaseException) -> str:
     text = " ".join(str(e).split())
     return text[:300] if text else type(e).__name__

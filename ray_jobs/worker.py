@@ -25,12 +25,13 @@ from ensemble.collective import Collective
 from ensemble.config import from_dict
 from ensemble.data import load_data
 from ensemble.exits import ANYTIME_FILE
-from ensemble.loop import Session, epoch_line, run
+from ensemble.loop import Diverged, Session, epoch_line, run
 from ensemble.train_state import STATE_FILE, latest_complete
 from ensemble.training import resolve_device
 
 from .parallel import Layout, WorkerCollective
 
+DIVERGED_FILE = "diverged.txt"  # in the run folder: why the last attempt stopped (read by the driver)
 MODEL_FILES = ("weights.safetensors", "plan.json", "config.json", "metrics.json", ANYTIME_FILE)
 __all__ = ["MODEL_FILES", "STATE_FILE", "latest_local_checkpoint", "train_loop", "epoch_line"]
 
@@ -162,7 +163,16 @@ def train_loop(spec: dict) -> dict:
     else:
         comm = Collective()
     session = RaySession(spec, rank, world, layout)
-    result = run(config, data, device, comm, session, log=_say)
+    try:
+        result = run(config, data, device, comm, session, log=_say)
+    except Diverged as e:
+        # Every rank stops at the same step (`Collective.step_finite`). Returning instead of raising keeps Ray
+        # Train from restarting the group from the last checkpoint, only to diverge again; the driver reads
+        # the reason from the run folder and fails the run with it.
+        if rank == 0:
+            Path(spec["run_dir"]).mkdir(parents=True, exist_ok=True)
+            (Path(spec["run_dir"]) / DIVERGED_FILE).write_text(str(e) + "\n")
+        return {"diverged": str(e)}
     return {"epochs": t.epochs, "start_epoch": result.start_epoch}
 
 

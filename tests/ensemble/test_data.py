@@ -1,4 +1,8 @@
+import hashlib
+import os
 import pickle
+import shutil
+import struct
 from collections import Counter
 from pathlib import Path
 
@@ -7,8 +11,9 @@ import pytest
 import torch
 
 from core.errors import SuperweightsError
+from ensemble import data as data_module
 from ensemble.config import DataConfig
-from ensemble.data import DATASETS, DatasetInfo, Loader, dataset_info, load_data
+from ensemble.data import CIFAR_MD5, DATASETS, DatasetInfo, Loader, dataset_info, load_data
 
 TRAIN_PER_CLASS = 6  # fake CIFAR training images per class
 TEST_PER_CLASS = 2
@@ -28,8 +33,18 @@ def _ids(x: torch.Tensor) -> list[int]:
     return (px[:, 0] + 256 * px[:, 1]).tolist()
 
 
+def _md5s(folder: Path) -> dict[str, str]:
+    return {f.name: hashlib.md5(f.read_bytes()).hexdigest() for f in folder.iterdir()}
+
+
+def _register(monkeypatch, name: str, folder: Path) -> None:
+    """Accept the tiny files of `folder` as if they were the official ones (for this test only)."""
+    for file_name, md5 in _md5s(folder).items():
+        monkeypatch.setitem(CIFAR_MD5[name], file_name, md5)
+
+
 @pytest.fixture(scope="module")
-def cifar10_root(tmp_path_factory) -> Path:
+def _cifar10_files(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("c10")
     folder = root / "cifar-10-batches-py"
     folder.mkdir()
@@ -47,8 +62,14 @@ def cifar10_root(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture
+def cifar10_root(_cifar10_files, monkeypatch) -> Path:
+    _register(monkeypatch, "cifar10", _cifar10_files / "cifar-10-batches-py")
+    return _cifar10_files
+
+
 @pytest.fixture(scope="module")
-def cifar100_root(tmp_path_factory) -> Path:
+def _cifar100_files(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("c100")
     folder = root / "cifar-100-python"
     folder.mkdir()
@@ -60,6 +81,12 @@ def cifar100_root(tmp_path_factory) -> Path:
     with open(folder / "meta", "wb") as f:
         pickle.dump({"fine_label_names": [str(i) for i in range(100)]}, f)
     return root
+
+
+@pytest.fixture
+def cifar100_root(_cifar100_files, monkeypatch) -> Path:
+    _register(monkeypatch, "cifar100", _cifar100_files / "cifar-100-python")
+    return _cifar100_files
 
 
 @pytest.fixture(scope="module")
@@ -294,21 +321,178 @@ def test_missing_cifar_files_message(tmp_path, monkeypatch, name, folder, archiv
 
 
 def test_partial_cifar_folder_names_missing_file(cifar10_root, tmp_path):
-    import shutil
-
     shutil.copytree(cifar10_root / "cifar-10-batches-py", tmp_path / "cifar-10-batches-py")
     (tmp_path / "cifar-10-batches-py" / "data_batch_3").unlink()
     with pytest.raises(SuperweightsError, match="missing data_batch_3"):
         load_data(DataConfig(name="cifar10", root=str(tmp_path)), 0, 8, 8)
 
 
-def test_corrupt_cifar_file(tmp_path):
+def test_corrupt_cifar_file(tmp_path, monkeypatch):
     folder = tmp_path / "cifar-100-python"
     folder.mkdir()
     (folder / "train").write_bytes(b"not a pickle")
     (folder / "test").write_bytes(b"not a pickle")
-    with pytest.raises(SuperweightsError, match="cannot read CIFAR-100 file"):
-        load_data(DataConfig(name="cifar100", root=str(tmp_path)), 0, 8, 8)
+    cfg = DataConfig(name="cifar100", root=str(tmp_path))
+    with pytest.raises(SuperweightsError) as e:
+        load_data(cfg, 0, 8, 8)
+    msg = str(e.value)
+    assert f"CIFAR-100 file {folder / 'train'} does not match the official CIFAR-100 md5" in msg
+    assert "re-download it" in msg and "\n" not in msg
+    _register(monkeypatch, "cifar100", folder)  # past the checksum, the pickle itself is damaged
+    with pytest.raises(SuperweightsError, match="cannot read CIFAR-100 file") as e:
+        load_data(cfg, 0, 8, 8)
+    assert "\n" not in str(e.value)
+
+
+def test_official_md5s_match_torchvision():
+    datasets = pytest.importorskip("torchvision.datasets")
+    for name, cls in (("cifar10", datasets.CIFAR10), ("cifar100", datasets.CIFAR100)):
+        official = {f: md5 for f, md5 in (*cls.train_list, *cls.test_list)}
+        official[cls.meta["filename"]] = cls.meta["md5"]
+        assert CIFAR_MD5[name] == official
+
+
+class _RunsCommand:
+    """Pickles to `os.system(command)`: unpickling it runs the command."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+def _plant(folder: Path, file_name: str, marker: Path) -> bytes:
+    payload = pickle.dumps({b"data": _RunsCommand(f"touch {marker}"), b"labels": [0]})
+    (folder / file_name).write_bytes(payload)
+    return payload
+
+
+@pytest.mark.parametrize(
+    "name,folder,file_name,title",
+    [
+        ("cifar10", "cifar-10-batches-py", "data_batch_1", "CIFAR-10"),
+        ("cifar10", "cifar-10-batches-py", "test_batch", "CIFAR-10"),
+        ("cifar100", "cifar-100-python", "train", "CIFAR-100"),
+    ],
+)
+@pytest.mark.parametrize("md5_registered", [False, True])
+def test_planted_pickle_never_runs(
+    request, tmp_path, monkeypatch, name, folder, file_name, title, md5_registered
+):
+    source = request.getfixturevalue(f"_{name}_files") / folder
+    shutil.copytree(source, tmp_path / folder)
+    _register(monkeypatch, name, tmp_path / folder)  # every other file is accepted
+    marker = tmp_path / "pwned"
+    payload = _plant(tmp_path / folder, file_name, marker)
+    # The payload is live: a plain pickle.loads runs the command (as the loader's pickle.load once did).
+    pickle.loads(payload)
+    assert marker.exists()
+    marker.unlink()
+    if md5_registered:
+        monkeypatch.setitem(CIFAR_MD5[name], file_name, hashlib.md5(payload).hexdigest())
+    with pytest.raises(SuperweightsError) as e:
+        load_data(DataConfig(name=name, root=str(tmp_path)), 0, 8, 8)
+    msg = str(e.value)
+    assert "\n" not in msg and f"{title} file {tmp_path / folder / file_name} " in msg
+    if md5_registered:  # past the checksum, the restricted unpickler refuses the callable itself
+        assert f"holds a {os.system.__module__}.system object, which a CIFAR batch never contains" in msg
+        assert msg.endswith("refusing to load it")
+    else:  # refused on the checksum, before a byte is unpickled
+        assert f"does not match the official {title} md5" in msg and "re-download it" in msg
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    "payload,qualname",
+    [
+        (b"cbuiltins\neval\n(V1\ntR.", "builtins.eval"),
+        (b"c__builtin__\neval\n(V1\ntR.", "__builtin__.eval"),  # Python 2 spelling, not mapped to allowed
+        (b"csubprocess\ncall\n(Vtrue\ntR.", "subprocess.call"),
+        (b"(cos\nsystem\nVtrue\no.", "os.system"),  # OBJ opcode
+        (b"(ios\nsystem\nVtrue\n.", "os.system"),  # INST opcode (protocol 0)
+        (b"cnumpy\nload\n(Vx\ntR.", "numpy.load"),
+    ],
+)
+def test_restricted_unpickler_refuses_other_globals(payload, qualname):
+    from ensemble.safe_unpickle import ForbiddenGlobalError, restricted_loads
+
+    with pytest.raises(ForbiddenGlobalError) as e:
+        restricted_loads(payload, data_module._CIFAR_PICKLE_GLOBALS)
+    assert e.value.qualname == qualname
+
+
+# Python 2 cPickle (protocol 2) writer for the python-format archives' layout, opcode by opcode: the official
+# files were written this way by Python 2 numpy (str = bytes, `numpy.core.multiarray._reconstruct`).
+def _py2_str(b: bytes) -> bytes:
+    return b"U" + bytes([len(b)]) + b if len(b) < 256 else b"T" + struct.pack("<i", len(b)) + b
+
+
+def _py2_int(n: int) -> bytes:
+    return b"J" + struct.pack("<i", n)
+
+
+def _py2_array(a: np.ndarray) -> bytes:
+    assert a.dtype == np.uint8
+    new = b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\n" + _py2_int(0) + b"\x85" + _py2_str(b"b")
+    dtype = b"cnumpy\ndtype\n" + _py2_str(b"u1") + _py2_int(0) + _py2_int(1) + b"\x87R"
+    dtype += b"(" + _py2_int(3) + _py2_str(b"|") + b"NNN" + _py2_int(-1) + _py2_int(-1) + _py2_int(0) + b"tb"
+    shape = b"(" + b"".join(_py2_int(d) for d in a.shape) + b"t"
+    return new + b"\x87R(" + _py2_int(1) + shape + dtype + b"\x89" + _py2_str(a.tobytes()) + b"tb"
+
+
+def _py2_pickle(d: dict[bytes, object]) -> bytes:
+    out = b"\x80\x02}("
+    for k, v in d.items():
+        if isinstance(v, np.ndarray):
+            enc = _py2_array(v)
+        elif isinstance(v, list):
+            enc = b"](" + b"".join(_py2_int(x) if isinstance(x, int) else _py2_str(x) for x in v) + b"e"
+        else:
+            enc = _py2_str(v)
+        out += _py2_str(k) + enc
+    return out + b"u."
+
+
+def test_python2_format_batches_load(tmp_path, monkeypatch):
+    """What the official archives hold passes the restricted unpickler (keys, array, label list, names)."""
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(5)
+    expected = {}
+    for i, file_name in enumerate((*(f"data_batch_{b}" for b in range(1, 6)), "test_batch")):
+        data, labels = _fake_cifar_arrays(10, 10, 100 * i, rng)
+        expected[file_name] = data
+        batch = {
+            b"batch_label": f"batch {i}".encode(),
+            b"labels": labels,
+            b"data": data,
+            b"filenames": [f"img_{j}.png".encode() for j in range(10)],
+        }
+        (folder / file_name).write_bytes(_py2_pickle(batch))
+    assert pickle.loads((folder / "test_batch").read_bytes(), encoding="bytes")[b"data"].shape == (10, 3072)
+    _register(monkeypatch, "cifar10", folder)
+    s = load_data(DataConfig(name="cifar10", root=str(tmp_path), augment=False, val_fraction=0.2), 0, 8, 64)
+    x, y = _all(s.test)
+    assert torch.equal(
+        (x * 255).round().to(torch.uint8).reshape(10, 3072), torch.from_numpy(expected["test_batch"])
+    )
+    assert y.tolist() == list(range(10))
+    assert s.train.num_examples + s.val.num_examples == 50
+
+
+def test_one_class_cifar_folder_is_refused(_cifar10_files, tmp_path, monkeypatch):
+    folder = tmp_path / "cifar-10-batches-py"
+    shutil.copytree(_cifar10_files / "cifar-10-batches-py", folder)
+    for f in folder.glob("*_batch*"):
+        d = pickle.loads(f.read_bytes())
+        d[b"labels"] = [0] * len(d[b"labels"])
+        f.write_bytes(pickle.dumps(d))
+    _register(monkeypatch, "cifar10", folder)
+    with pytest.raises(SuperweightsError) as e:
+        load_data(DataConfig(name="cifar10", root=str(tmp_path), val_fraction=0.0), 0, 8, 8)
+    msg = str(e.value)
+    assert f"CIFAR-10 folder {folder} holds training images of 1 class(es) only" in msg and "\n" not in msg
 
 
 def test_imagefolder(imagefolder_root):
@@ -332,12 +516,27 @@ def test_imagefolder_errors(tmp_path):
     with pytest.raises(SuperweightsError, match=r"train not found: expected .*/train/<class>"):
         dataset_info(cfg)
     (tmp_path / "train" / "a").mkdir(parents=True)
+    (tmp_path / "train" / "b").mkdir()
     with pytest.raises(SuperweightsError, match="val not found"):
         load_data(cfg, 0, 4, 4)
     (tmp_path / "val" / "a").mkdir(parents=True)
     with pytest.raises(SuperweightsError, match="no images in") as e:
         load_data(cfg, 0, 4, 4)
     assert "\n" not in str(e.value)
+
+
+def test_one_class_imagefolder_is_refused(imagefolder_root, tmp_path):
+    """One class used to train and report accuracy 1.0."""
+    for split in ("train", "val"):
+        shutil.copytree(imagefolder_root / split / "cat", tmp_path / split / "cat")
+    (tmp_path / "train" / ".hidden").mkdir()  # not a class
+    cfg = DataConfig(name="imagefolder", root=str(tmp_path), image_size=8)
+    for fn in (dataset_info, lambda c: load_data(c, 0, 4, 4)):
+        with pytest.raises(SuperweightsError) as e:
+            fn(cfg)
+        msg = str(e.value)
+        assert f"image folder {tmp_path / 'train'} has only 1 class subfolder ('cat')" in msg
+        assert "at least 2 classes" in msg and "\n" not in msg
 
 
 def test_bad_settings():
