@@ -6,10 +6,13 @@ micro-batches them (`anytime.batching`); `create_app(service)` is the FastAPI ap
 * `POST /predict` `{"inputs": (N, C, H, W) nested lists in the loader's scale ([0, 1], un-normalised),
   "budget": {"flops": F} | {"ms": T} | null}` -> `{"predictions", "probabilities", "steps", "flops",
   "elapsed_ms", "deadline_met", "batch_images"}`.
-* `GET /health`, `GET /model` (members, exits, the schedule with cumulative FLOPs, useful budget range).
+* `GET /health`, `GET /model` (members, exits, the schedule with cumulative FLOPs, useful budget range, the
+  checkpoint's name and sha256 content hashes: never a filesystem path).
 
-Every client mistake is a 4xx JSON `{"detail": "<one line>"}`; anything else is a 500 with a generic
-detail (the traceback goes to the server log, never to the client). Timing: `elapsed_ms` runs from the
+Every client mistake is a 4xx JSON `{"detail": "<one line>"}` (415 unless the body is `application/json`);
+non-finite model outputs are a 503 with a message saying so (never a 500 from serialising NaN); anything
+else is a 500 with a generic detail (the traceback goes to the server log, never to the client). A model
+whose weights are not all finite is refused at start-up (`check_finite`). Timing: `elapsed_ms` runs from the
 moment the handler starts (before the body is read) until the prediction is ready; a `{"ms": T}` budget is
 a deadline on that span, `deadline_met` says whether it held.
 """
@@ -18,12 +21,14 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import threading
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
@@ -37,10 +42,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from torch import Tensor
 
 from core.errors import SuperweightsError
+from ensemble.training import validate_device
 
 from .batching import Item, MicroBatcher, QueueFull
 from .predictor import AnytimePredictor
-from .store import AnytimeCheckpoint, load_anytime
+from .store import AnytimeCheckpoint, check_finite, file_digests, load_anytime, model_digest
 
 log = logging.getLogger("superweights.serve")
 
@@ -69,18 +75,54 @@ class ServeSettings:
                 raise SuperweightsError(f"serve setting {name} must be a finite number >= 0, got {v}")
         if not (math.isfinite(self.deadline_safety) and self.deadline_safety >= 1):
             raise SuperweightsError(f"serve setting deadline_safety must be >= 1, got {self.deadline_safety}")
+        validate_device(self.device)
         if self.input_range is not None and not self.input_range[0] < self.input_range[1]:
             raise SuperweightsError(f"serve setting input_range must be (low, high) with low < high, "
                                     f"got {self.input_range}")
 
 
 class ApiError(Exception):
-    """A client mistake: answered with `status` and `{"detail": message}`."""
+    """A client mistake (or a 503): answered with `status` and `{"detail": message}`."""
 
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status = status
         self.message = message
+
+
+NONFINITE_OUTPUT = ("the model's output for this request is not finite (NaN or infinity in the probabilities), so "
+                    "no prediction can be given; the served model is numerically broken for these inputs "
+                    "(reported in the server log)")
+
+_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")  # runs:/..., models:/..., s3://... (not C:/ or /abs/path)
+
+
+def public_name(source: str) -> str:
+    """What /model may say about where the model came from: a URI as given (e.g. an MLflow `runs:/<id>`), a
+    folder only by its own name: never a filesystem path."""
+    if _URI.match(source):
+        return source
+    return Path(source).expanduser().resolve().name if source else ""
+
+
+def check_json_content_type(value: str | None) -> None:
+    """415 unless a request's Content-Type is `application/json` (a `charset=utf-8` parameter allowed)."""
+    if value is None or not value.strip():
+        raise ApiError(415, "POST /predict takes a JSON body: send the header Content-Type: application/json")
+    media, *params = value.split(";")
+    media = media.strip().lower()
+    if media != "application/json":
+        raise ApiError(415, f"unsupported Content-Type {media!r}: POST /predict takes application/json")
+    for param in params:
+        key, _, v = param.partition("=")
+        key, v = key.strip().lower(), v.strip().strip('"').lower()
+        if not key and not v:
+            continue
+        if key != "charset":
+            raise ApiError(415, f"unsupported Content-Type parameter {key!r}: application/json takes only "
+                                "charset=utf-8")
+        if v not in ("utf-8", "utf8"):
+            raise ApiError(415, f"unsupported charset {v!r}: JSON bodies must be UTF-8")
 
 
 # -- request / response schemas ---------------------------------------------------------------------------
@@ -203,9 +245,15 @@ class AnytimeService:
     """The model behind the HTTP app: validation, micro-batching, predictions. Framework-free except for
     `create_app`; Ray Serve replicas build one each."""
 
-    def __init__(self, ckpt: AnytimeCheckpoint, settings: ServeSettings | None = None, source: str = ""):
+    def __init__(self, ckpt: AnytimeCheckpoint, settings: ServeSettings | None = None, source: str = "",
+                 files: dict[str, dict] | None = None, where: str | None = None):
+        """`source`: where the model came from, reported by /model only as `public_name(source)`; `files`: the
+        checkpoint's `file_digests`; `where`: what a start-up error names (default: the public name)."""
         self.settings = settings or ServeSettings()
-        self.source = source
+        self.source = public_name(source)
+        self.files = dict(files or {})
+        where = where or self.source or "the model"
+        check_finite(ckpt.model.state_dict(), where)  # refused before anything is built from it
         self.info = ckpt.info
         self.names = list(ckpt.model.names)
         self.record = ckpt.record
@@ -213,6 +261,8 @@ class AnytimeService:
         self.input_shape = (ckpt.info.in_channels, *ckpt.info.image_size)
         self.predictor = ServingPredictor(ckpt.model, ckpt.record, self.settings.device,
                                           safety=self.settings.deadline_safety)
+        check_finite(self.predictor.model.state_dict(), f"{where} (materialised weights)")
+        self.nonfinite_outputs = 0  # requests answered 503 because the model's probabilities were not finite
         s = self.settings
         self._arriving = 0  # requests being read/parsed (event-loop thread only)
         self.batcher = MicroBatcher(self._run_batch, window_ms=s.batch_window_ms, max_images=s.max_batch_images,
@@ -225,7 +275,9 @@ class AnytimeService:
     @classmethod
     def from_folder(cls, folder, settings: ServeSettings | None = None, source: str | None = None) -> AnytimeService:
         settings = settings or ServeSettings()
-        return cls(load_anytime(folder, settings.device), settings, source or str(folder))
+        ckpt = load_anytime(folder, settings.device)
+        return cls(ckpt, settings, source or str(folder), files=file_digests(folder),
+                   where=str(Path(folder) / "weights.safetensors"))
 
     def _warm_up(self) -> None:
         """First-call overheads and step times for every batch bucket up to `max_batch_images`."""
@@ -248,7 +300,8 @@ class AnytimeService:
                              "estimated_ms": round(sum(times[: i + 1]), 4)})
         margin = self.settings.deadline_margin_ms
         return {
-            "source": self.source,
+            "source": self.source,  # an MLflow URI as given, or the checkpoint folder's name (never a path)
+            "checkpoint": {"sha256": model_digest(self.files) if self.files else None, "files": self.files},
             "method": self.method,
             "dataset": self.info.name,
             "input_shape": list(self.input_shape),
@@ -277,7 +330,8 @@ class AnytimeService:
     def health(self) -> dict:
         return {"status": "ok", "members": len(self.names), "uptime_s": round(time.time() - self.started, 1),
                 "pending": self.batcher.pending, "batches": self.batcher.batches,
-                "requests": self.batcher.requests, "slowdown": round(self.predictor.slowdown, 3),
+                "requests": self.batcher.requests, "nonfinite_outputs": self.nonfinite_outputs,
+                "slowdown": round(self.predictor.slowdown, 3),
                 "deadline_margin_ms": round(self.margin_ms, 3)}
 
     # -- /predict ----------------------------------------------------------------------------------------
@@ -372,15 +426,29 @@ class AnytimeService:
             pred = self.predictor.predict(x, budget_flops=value)
         self.predictor.observe(x, len(pred.steps), pred.elapsed_ms)
         probs = pred.probs.float().cpu()
+        finite = torch.isfinite(probs).all(-1)  # per image: eval-mode rows are independent of each other
         steps = [list(s) for s in pred.steps]
         out, start = [], 0
         for it in items:
-            p = probs[start:start + len(it.x)]
+            rows = slice(start, start + len(it.x))
             start += len(it.x)
+            if not bool(finite[rows].all()):
+                self._nonfinite(key, int((~finite[rows]).sum()), len(it.x), steps)
+                out.append(ApiError(503, NONFINITE_OUTPUT))
+                continue
+            p = probs[rows]
             out.append({"predictions": p.argmax(-1).tolist(), "probabilities": p.tolist(), "steps": steps,
                         "flops": int(pred.flops), "batch_images": len(x)})
         done = time.perf_counter()
         return [(o, done) for o in out]
+
+    def _nonfinite(self, key: tuple, bad: int, images: int, steps: list) -> None:
+        """Count a request answered 503 for non-finite probabilities; log the first one (not every request)."""
+        self.nonfinite_outputs += 1
+        if self.nonfinite_outputs == 1:
+            log.error("model %s produced non-finite probabilities (NaN or infinity) for %d of %d images of a "
+                      "request (budget %s, steps %s); such requests are answered 503 (logged once; GET /health "
+                      "counts them as nonfinite_outputs)", self.source, bad, images, key, steps)
 
     @property
     def margin_ms(self) -> float:
@@ -395,6 +463,8 @@ class AnytimeService:
             out, done = await self.batcher.submit(key, x, t0, wait=kind != "ms")
         except QueueFull as e:
             raise ApiError(503, f"server busy ({e}); retry later") from None
+        if isinstance(out, ApiError):  # non-finite model output (`_run_batch`)
+            raise out
         now = time.perf_counter()
         self._after.append((now - done) * 1e3)
         elapsed = (now - t0) * 1e3
@@ -446,8 +516,9 @@ DESCRIPTION = """Anytime predictions of a SuperWeight ensemble with early exits 
 `POST /predict` runs the longest prefix of the model's schedule (see `GET /model`) that fits the budget:
 `{"flops": F}` per image (never exceeded; below the first step's FLOPs is a 422), `{"ms": T}` a deadline from
 the request's arrival (a step starts only if its measured time fits; the first step always runs) or `null`
-(the whole schedule). Errors are JSON `{"detail": "..."}`: 400 malformed JSON, 413 too large, 422 invalid,
-503 busy."""
+(the whole schedule). The body must be `Content-Type: application/json`. Errors are JSON `{"detail": "..."}`:
+400 malformed JSON, 413 too large, 415 not application/json, 422 invalid, 503 busy or a non-finite model
+output."""
 
 
 def create_app(service: AnytimeService) -> FastAPI:
@@ -461,7 +532,7 @@ def create_app(service: AnytimeService) -> FastAPI:
     app = FastAPI(title="superweights anytime predictor", version="1", description=DESCRIPTION,
                   lifespan=lifespan)
     app.state.service = service
-    errors = {c: {"model": ErrorResponse} for c in (400, 413, 422, 503)}
+    errors = {c: {"model": ErrorResponse} for c in (400, 413, 415, 422, 503)}
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, e: ApiError):
@@ -480,7 +551,7 @@ def create_app(service: AnytimeService) -> FastAPI:
     async def health() -> dict[str, Any]:
         return service.health()
 
-    @app.get("/model", summary="members, exits, schedule with cumulative FLOPs, useful budget range")
+    @app.get("/model", summary="members, exits, schedule with cumulative FLOPs, useful budget range, checkpoint hashes")
     async def model() -> dict[str, Any]:
         return service.model_info()
 
@@ -488,6 +559,7 @@ def create_app(service: AnytimeService) -> FastAPI:
               summary="anytime prediction under a FLOPs budget or a deadline")
     async def predict(request: Request):
         t0 = time.perf_counter()
+        check_json_content_type(request.headers.get("content-type"))  # 415 before the body is read
         try:
             return JSONResponse(await service.predict_request(
                 lambda: read_body(request, service.settings.max_body_bytes), t0))

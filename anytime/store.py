@@ -7,14 +7,17 @@ per plan, the greedy schedule needs the validation split) and cached in the fold
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 from core.errors import SuperweightsError
-from ensemble.checkpoint import load_checkpoint
+from ensemble.checkpoint import FILES, load_checkpoint
 from ensemble.config import Config
 from ensemble.data import DatasetInfo, load_data
 from ensemble.exits import ANYTIME_FILE, anytime_record, step_flops, write_anytime
@@ -78,3 +81,53 @@ def load_anytime(folder, device: str | torch.device = "cpu", write: bool = True)
                 pass  # read-only checkpoint: the record is recomputed next time
     check_record(record, model, config, info, str(path))
     return AnytimeCheckpoint(config, info, model, metrics, record)
+
+
+def nonfinite_tensors(state: Mapping[str, Tensor]) -> list[str]:
+    """Names of the floating-point tensors of `state` that hold a NaN or an infinity."""
+    return [k for k, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
+def check_finite(state: Mapping[str, Tensor], where: str) -> None:
+    """One-line error unless every floating-point tensor of `state` (a state dict, or the tensors of a
+    weights.safetensors) is finite: a model with NaN/inf weights answers nothing meaningful, so it is not served."""
+    bad = nonfinite_tensors(state)
+    if bad:
+        total = sum(1 for t in state.values() if t.is_floating_point())
+        raise SuperweightsError(f"{where} holds non-finite values (NaN or infinity) in {len(bad)} of {total} "
+                                f"tensors (first: {bad[0]}); such a model cannot be served: the run that wrote it "
+                                "probably diverged, retrain it (e.g. with a lower train.lr)")
+
+
+def check_weights_file(folder) -> None:
+    """`check_finite` on a checkpoint folder's weights.safetensors as stored (no model built: a Ray Serve
+    driver checks this before any replica starts)."""
+    from safetensors.torch import load_file
+
+    path = Path(folder) / FILES[0]
+    try:
+        state = load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
+        raise SuperweightsError(f"{path} cannot be read: {' '.join(str(e).split())}") from None
+    check_finite(state, str(path))
+
+
+def file_digests(folder) -> dict[str, dict]:
+    """{file name: {"sha256", "bytes"}} of a checkpoint's files (weights, plan, config, metrics, anytime record)
+    that exist: what identifies a served model without naming where it lies on disk."""
+    out = {}
+    for name in (*FILES, ANYTIME_FILE):
+        path = Path(folder) / name
+        if not path.is_file():
+            continue
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(2**20), b""):
+                h.update(chunk)
+        out[name] = {"sha256": h.hexdigest(), "bytes": path.stat().st_size}
+    return out
+
+
+def model_digest(files: Mapping[str, dict]) -> str:
+    """One sha256 over the files' digests (sorted by name): changes whenever any checkpoint file does."""
+    return hashlib.sha256("".join(f"{n}:{d['sha256']}\n" for n, d in sorted(files.items())).encode()).hexdigest()

@@ -7,6 +7,7 @@ a worker computes; nothing here loops over epochs: `ensemble.loop.run` is the on
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 
 import torch
@@ -20,12 +21,31 @@ from .data import Loader
 from .metrics import ensemble_report
 from .model import StackedEnsemble
 
+_DEVICE = re.compile(r"cuda:[0-9]+")
 
-def resolve_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SuperweightsError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
-    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
-        raise SuperweightsError(f"--device must be cpu or cuda, got {name!r}")
+
+def validate_device(name) -> str:
+    """`name` if it is a device superweights runs on (`cpu`, `cuda`, `cuda:N` with N a GPU index >= 0), else
+    a one-line error. Syntax only (no CUDA query): the CLI checks it before anything starts, even where the
+    GPUs are on other machines (Ray workers); `resolve_device` also checks that the device exists here."""
+    if isinstance(name, str) and (name in ("cpu", "cuda") or _DEVICE.fullmatch(name)):
+        return name
+    raise SuperweightsError(f"--device must be cpu or cuda, got {name!r}: use cpu, cuda or cuda:N "
+                            "(N = a GPU index >= 0)")
+
+
+def resolve_device(name: str | torch.device) -> torch.device:
+    """The torch device for a valid `name` (`validate_device`) that exists on this machine; one-line errors."""
+    name = validate_device(str(name) if isinstance(name, torch.device) else name)
+    if name == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise SuperweightsError(f"--device {name} was asked for but torch sees no CUDA device; use --device cpu")
+    index = int(name.partition(":")[2] or 0)
+    count = torch.cuda.device_count()
+    if index >= count:
+        raise SuperweightsError(f"--device {name} was asked for but torch sees {count} CUDA device"
+                                f"{'s' if count != 1 else ''} (cuda:0..cuda:{count - 1})")
     return torch.device(name)
 
 

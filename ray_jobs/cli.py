@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="children running at once (default: the cluster's free CPUs // --child-cpus, at least 1)")
     g.add_argument("--address", default="",
                    help="Ray cluster (host:port or ray://host:10001; default: $RAY_ADDRESS, else a local Ray)")
-    g.add_argument("--device", help="cpu or cuda for the children (default: cuda with --child-gpus >= 1, else cpu); "
+    g.add_argument("--device", help="cpu, cuda or cuda:N for the children (default: cuda with --child-gpus >= 1, else cpu); "
                                     "cuda needs --child-gpus >= 1")
 
     p = sub.add_parser("evaluate", help="anytime evaluation of a checkpoint (accuracy vs FLOPs, subsets, exits)",
@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="checkpoint folder written by `superweights train`")
     p.add_argument("--split", default="test", help="val or test (default: test)")
     p.add_argument("--out", "-o", help="output folder (default: CHECKPOINT/anytime-SPLIT)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
 
     p = sub.add_parser("serve", help="serve anytime predictions with budget cutoffs over HTTP (uvicorn or Ray Serve)",
                        description="Serve a checkpoint folder or an MLflow model (runs:/<id>, models:/<name>/<version>) "
@@ -119,11 +119,12 @@ def cmd_plan(args) -> int:
     if args.checkpoint:
         from ensemble.checkpoint import load_plan
 
-        config, info, plan = load_plan(args.checkpoint)
+        config, info, plan = load_plan(args.checkpoint)  # checked against its config.json: one line if not
         summary = plan_summary(config, info, plan)
     else:
         config = _load(args)
-        summary = plan_summary(config, dataset_info(config.data))
+        # a budget that `train` would refuse for this machine's memory is refused here too
+        summary = plan_summary(config, dataset_info(config.data), memory_check=True)
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
@@ -191,7 +192,8 @@ def cmd_evaluate(args) -> int:
     from anytime.evaluate import format_table, run_evaluation
     from ensemble.training import resolve_device
 
-    result, out = run_evaluation(args.checkpoint, args.split, args.out, str(resolve_device(args.device)))
+    device = str(resolve_device(args.device))  # validate_device first: before the checkpoint is read
+    result, out = run_evaluation(args.checkpoint, args.split, args.out, device)
     print(format_table(result))
     print(f"\nwrote anytime.csv, subsets.csv, exits.csv, anytime.png, summary.json to {out}")
     return 0
@@ -211,6 +213,10 @@ def cmd_compare(args) -> int:
     from .durable import require_durable
     from .tracking import check_tracking_uri, default_tracking_uri
 
+    if args.device is not None:
+        from ensemble.training import validate_device
+
+        validate_device(args.device)  # before Ray or MLflow start; the children resolve it on their machines
     # A submitted job (`ray job submit --working-dir .`) runs in a temporary copy: nothing may land there.
     require_durable({"--out": args.out, "--tracking-uri": args.tracking_uri})
     out = Path(args.out or "compare")

@@ -38,6 +38,7 @@ from pathlib import Path
 from core.errors import SuperweightsError
 from ensemble.config import Config, load_config
 from ensemble.loop import total_epochs
+from ensemble.training import validate_device
 
 from .compare_plots import plot_accuracy_vs_params, plot_anytime_panels
 from .tracking import RunLogger, check_tracking_uri, default_tracking_uri, end_run, plan_params, start_run
@@ -144,9 +145,7 @@ class ChildResources:
             raise SuperweightsError(f"--child-gpus must be >= 0, got {self.gpus}")
         if self.max_concurrent is not None and self.max_concurrent < 1:
             raise SuperweightsError(f"--max-concurrent must be >= 1, got {self.max_concurrent}")
-        device = self.child_device
-        if device != "cpu" and device != "cuda" and not device.startswith("cuda:"):
-            raise SuperweightsError(f"--device must be cpu or cuda, got {device!r}")
+        device = validate_device(self.child_device)
         if device.startswith("cuda") and self.gpus < 1:
             raise SuperweightsError(f"--device {device} needs a GPU per child: add --child-gpus 1")
         return self

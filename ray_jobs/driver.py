@@ -31,6 +31,7 @@ from urllib.parse import urlparse
 
 from core.errors import SuperweightsError
 from ensemble.config import Config
+from ensemble.training import validate_device
 
 from .parallel import Layout, available_cpus, resolve_layout
 from .tracking import (
@@ -254,6 +255,7 @@ def train(config: Config, options: RayOptions = RayOptions(), *, name: str | Non
 
     began = time.perf_counter()
     options.validate()
+    device = validate_device(device)  # `--device tpu` must not quietly train on the CPU
     if device != "cpu" and options.workers != 0:
         options = dataclasses.replace(options, use_gpu=device.startswith("cuda"))
     uri = check_tracking_uri(tracking_uri or default_tracking_uri()) if track else None

@@ -49,7 +49,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tracking-uri",
                    help="MLflow tracking URI for runs:/ and models:/ (default: $MLFLOW_TRACKING_URI, else "
                         "sqlite:///<cwd>/mlflow.db)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads (default: 1; small micro-batches gain little from more, and spinning "
                         "threads slow everything down when the cores are shared)")
@@ -223,12 +223,14 @@ def run_ray(args, settings, log=print) -> int:
     import ray
     from ray import serve
 
+    from anytime.store import check_weights_file
     from ensemble.checkpoint import load_plan
 
     from .model_uri import is_mlflow_uri, resolve_tracking_uri
 
     with resolved_model(args.model, args.tracking_uri) as folder:  # fail fast here, not in every replica
         load_plan(folder)
+        check_weights_file(folder)  # NaN/inf weights: one line here, not a failed replica
     if is_mlflow_uri(args.model):
         model, tracking_uri = args.model, resolve_tracking_uri(args.tracking_uri)  # absolute: replicas' cwd differs
     else:

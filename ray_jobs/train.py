@@ -29,7 +29,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="override one config key with a TOML value; repeatable")
     p.add_argument("--out", "-o",
                    help="copy the final model files here (default: runs/<run name>; an absolute path in a Ray job)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu); with workers, cuda = one GPU each")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu); with workers, cuda = one GPU each")
     p.add_argument("--download", action="store_true", help="download CIFAR files if missing (needs a network)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     g = p.add_argument_group("Ray Train")
@@ -77,10 +77,14 @@ def options_from_args(args, config=None) -> RayOptions:
 def run_from_args(args, log=print) -> int:
     """Train, then print what a user wants: the test table, where things are, how to look at them."""
     from ensemble.config import load_config
+    from ensemble.training import validate_device
 
     from .cli import format_metrics
     from .driver import train
 
+    # Syntax only, before anything starts: with workers the GPUs are theirs, and a device the driver does not
+    # know (tpu, cuda:x) would otherwise fall back to CPU silently.
+    device = validate_device(args.device)
     overrides = list(args.overrides)
     if args.download:
         overrides.append("data.download=true")
@@ -95,7 +99,7 @@ def run_from_args(args, log=print) -> int:
                      **({} if args.no_tracking else {"--tracking-uri": args.tracking_uri})})
     name = args.name or f"{config.bank.method}-{_stamp()}"
     outcome = train(config, options, name=name, out=args.out or f"runs/{name}",
-                    tracking_uri=args.tracking_uri, experiment=args.experiment, device=args.device, log=log,
+                    tracking_uri=args.tracking_uri, experiment=args.experiment, device=device, log=log,
                     track=not args.no_tracking)
     log("")
     log(format_metrics(outcome.metrics))

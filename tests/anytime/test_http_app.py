@@ -3,18 +3,29 @@ client: answers equal the predictor's, budgets hold, every bad input is a 4xx JS
 requests keep succeeding, concurrent requests are micro-batched without changing anyone's answer."""
 
 import asyncio
+import hashlib
 import json
+import logging
 import math
+import shutil
 import time
+from pathlib import Path
 
 import httpx
 import pytest
 import torch
 
-from anytime.batching import MicroBatcher, QueueFull
-from anytime.http_app import AnytimeService, ServeSettings, ServingPredictor, create_app, serve_in_thread
+from anytime.batching import Item, MicroBatcher, QueueFull
+from anytime.http_app import (
+    AnytimeService,
+    ApiError,
+    ServeSettings,
+    ServingPredictor,
+    create_app,
+    serve_in_thread,
+)
 from anytime.predictor import AnytimePredictor
-from anytime.store import load_anytime
+from anytime.store import check_weights_file, load_anytime
 from core.errors import SuperweightsError
 
 SETTINGS = ServeSettings(max_body_bytes=2**16, max_images=16, max_batch_images=16, batch_window_ms=5.0)
@@ -210,7 +221,8 @@ def test_oversized_streamed_body_without_content_length(client):
             yield json.dumps(images(1).tolist()[0]).encode() + b","
         yield b"[]], \"budget\": null}"
 
-    assert_error(client.post("/predict", content=chunks()), 413, "over the limit")
+    assert_error(client.post("/predict", content=chunks(), headers={"content-type": "application/json"}), 413,
+                 "over the limit")
     assert_ok(client)
 
 
@@ -230,6 +242,119 @@ def test_internal_error_is_a_generic_500_and_the_server_recovers(client, service
     assert "secret" not in r.text
     monkeypatch.undo()
     assert_ok(client)
+
+
+@pytest.mark.parametrize("content_type, text", [
+    (None, "send the header Content-Type: application/json"),
+    ("text/plain", "unsupported Content-Type 'text/plain'"),
+    ("text/plain; charset=utf-8", "unsupported Content-Type 'text/plain'"),
+    ("application/x-www-form-urlencoded", "unsupported Content-Type 'application/x-www-form-urlencoded'"),
+    ("multipart/form-data; boundary=x", "unsupported Content-Type 'multipart/form-data'"),
+    ("application/jsonx", "unsupported Content-Type 'application/jsonx'"),
+    ("application/json; charset=latin-1", "unsupported charset 'latin-1': JSON bodies must be UTF-8"),
+    ("application/json; version=2", "unsupported Content-Type parameter 'version'"),
+])
+def test_a_body_that_is_not_application_json_is_415(client, content_type, text):
+    headers = {} if content_type is None else {"content-type": content_type}
+    r = client.post("/predict", content=body(), headers=headers)
+    assert r.request.headers.get("content-type") == content_type  # the client added none of its own
+    assert_error(r, 415, text)
+    assert_ok(client)
+
+
+@pytest.mark.parametrize("content_type", ["application/json", "application/json; charset=utf-8",
+                                          'Application/JSON;charset="UTF-8"', "application/json;"])
+def test_application_json_with_or_without_a_utf8_charset_is_served(client, reference, content_type):
+    x = images(2, seed=5)
+    r = client.post("/predict", content=body(x.tolist()), headers={"content-type": content_type})
+    assert r.status_code == 200, r.text
+    assert_matches(r.json(), reference, x, None)
+
+
+def test_model_reports_names_and_content_hashes_never_a_path(folder, client):
+    m = client.get("/model").json()
+    assert m["source"] == folder.name and m["members"] == ["wrn-10-2", "wrn-10-1"]
+    files = m["checkpoint"]["files"]
+    assert {"weights.safetensors", "plan.json", "config.json", "metrics.json", "anytime.json"} <= set(files)
+    for name, d in files.items():
+        data = (folder / name).read_bytes()
+        assert d == {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}, name
+    digest = hashlib.sha256("".join(f"{n}:{files[n]['sha256']}\n" for n in sorted(files)).encode()).hexdigest()
+    assert m["checkpoint"]["sha256"] == digest
+    text = json.dumps(m)
+    for path in (folder, folder.parent, folder.resolve(), Path.cwd(), Path.home()):
+        assert str(path) not in text
+    assert '"/' not in text  # no absolute path in any string value
+    # however the model was named when started, /model shows only the folder's own name
+    other = AnytimeService(load_anytime(folder), SETTINGS, source=str(folder.resolve()))
+    assert other.model_info()["source"] == folder.name and str(folder) not in json.dumps(other.model_info())
+    assert AnytimeService(load_anytime(folder), SETTINGS, source="runs:/abc123").model_info()["source"] == "runs:/abc123"
+
+
+def _nan_checkpoint(folder, dest):
+    """A copy of the trained checkpoint whose weights.safetensors holds a NaN (as a diverged run would write)."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(folder, dest)
+    state = load_file(str(dest / "weights.safetensors"))
+    name = sorted(k for k, t in state.items() if t.is_floating_point() and t.numel() > 1)[0]
+    state[name] = state[name].clone()
+    state[name].view(-1)[0] = float("nan")
+    save_file(state, str(dest / "weights.safetensors"))
+    return dest, name
+
+
+def test_a_model_with_non_finite_weights_is_refused_at_load(folder, tmp_path):
+    bad, name = _nan_checkpoint(folder, tmp_path / "diverged")
+    for load in (lambda: AnytimeService.from_folder(bad, SETTINGS), lambda: check_weights_file(bad)):
+        with pytest.raises(SuperweightsError) as e:
+            load()
+        msg = str(e.value)
+        assert "\n" not in msg and str(bad / "weights.safetensors") in msg and f"(first: {name})" in msg
+        assert "non-finite values (NaN or infinity) in 1 of" in msg and "cannot be served" in msg
+    check_weights_file(folder)  # the original is fine
+
+
+def test_non_finite_probabilities_are_a_503_logged_once_and_never_a_500(client, service, monkeypatch, caplog):
+    """A model that turns NaN at run time (weights finite at load, e.g. overflow): a clear 503, not the 500 of
+    serialising NaN; logged once however often it happens; the server recovers."""
+    monkeypatch.setattr(service, "nonfinite_outputs", 0)
+    weight = next(p for n, p in service.predictor.model.named_parameters() if p.ndim == 4)
+    saved = weight.detach().clone()
+    caplog.set_level(logging.ERROR, logger="superweights.serve")
+    try:
+        with torch.no_grad():
+            weight.fill_(float("nan"))
+        for budget in (None, {"ms": 5000}, None):
+            r = post(client, images(2), budget)
+            assert_error(r, 503, "the model's output for this request is not finite (NaN or infinity")
+    finally:
+        with torch.no_grad():
+            weight.copy_(saved)
+    logged = [r for r in caplog.records if "non-finite probabilities" in r.getMessage()]
+    assert len(logged) == 1 and "answered 503" in logged[0].getMessage()
+    assert client.get("/health").json()["nonfinite_outputs"] == 3
+    assert_ok(client)
+
+
+def test_only_the_request_whose_rows_are_non_finite_fails_in_a_shared_batch(service, monkeypatch):
+    """Micro-batched requests are independent rows: a NaN in one request's rows fails that request only."""
+    real = service.predictor.predict
+
+    def poisoned(x, **kw):
+        pred = real(x, **kw)
+        pred.probs[x[:, 0, 0, 0] == 0.5] = float("nan")  # rows marked by the test
+        return pred
+
+    monkeypatch.setattr(service.predictor, "predict", poisoned)
+    monkeypatch.setattr(service, "nonfinite_outputs", 0)
+    good, bad = images(2, seed=1), images(3, seed=2)
+    bad[1, 0, 0, 0] = 0.5
+    out = service._run_batch((None, None), [Item(None, good, time.perf_counter(), True, None),
+                                             Item(None, bad, time.perf_counter(), True, None)])
+    assert isinstance(out[0][0], dict) and len(out[0][0]["predictions"]) == 2
+    assert all(math.isfinite(v) for row in out[0][0]["probabilities"] for v in row)
+    assert isinstance(out[1][0], ApiError) and out[1][0].status == 503 and service.nonfinite_outputs == 1
 
 
 # -- concurrency and micro-batching -----------------------------------------------------------------------
@@ -363,6 +488,8 @@ def test_serving_predictor_estimates_grow_when_runs_are_slower_than_measured(exi
     ({"batch_window_ms": -1.0}, "batch_window_ms must be a finite number >= 0"),
     ({"deadline_safety": 0.5}, "deadline_safety must be >= 1"),
     ({"input_range": (1.0, 0.0)}, "input_range"),
+    ({"device": "tpu"}, "--device must be cpu or cuda, got 'tpu'"),
+    ({"device": "cuda:x"}, "--device must be cpu or cuda, got 'cuda:x'"),
 ])
 def test_settings_are_checked(kwargs, text):
     with pytest.raises(SuperweightsError, match=text.replace("(", r"\(")):

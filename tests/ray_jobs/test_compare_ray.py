@@ -153,7 +153,7 @@ def test_more_child_cpus_than_any_node_has_is_refused_before_anything_starts(ray
     (["--child-gpus", "-1"], "--child-gpus must be >= 0, got -1"),
     (["--max-concurrent", "0"], "--max-concurrent must be >= 1, got 0"),
     (["--device", "cuda"], "--device cuda needs a GPU per child: add --child-gpus 1"),
-    (["--device", "tpu"], "--device must be cpu or cuda, got 'tpu'"),
+    (["--device", "tpu"], "--device must be cpu or cuda, got 'tpu': use cpu, cuda or cuda:N (N = a GPU index >= 0)"),
 ])
 def test_bad_child_resources_are_one_line_errors(tmp_path, capsys, args, message):
     from ray_jobs.cli import main

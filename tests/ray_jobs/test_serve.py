@@ -94,8 +94,10 @@ def test_cli_serves_a_checkpoint_and_stops_on_sigterm(ckpt, reference):
             ref = reference.predict(torch.tensor(payload(2)["inputs"]), budget_flops=budget)
             assert r.json()["steps"] == [list(s) for s in ref.steps]
             assert r.json()["predictions"] == ref.probs.argmax(-1).tolist()
-            bad = c.post("/predict", content=b"{nope")
+            bad = c.post("/predict", content=b"{nope", headers={"content-type": "application/json"})
             assert bad.status_code == 400 and "Traceback" not in bad.text
+            plain = c.post("/predict", content=json.dumps(payload(1)), headers={"content-type": "text/plain"})
+            assert plain.status_code == 415 and plain.json()["detail"].startswith("unsupported Content-Type")
             assert c.post("/predict", json=payload(1)).status_code == 200
         proc.send_signal(signal.SIGTERM)  # graceful stop, exit 0 (^C behaves the same)
         assert proc.wait(timeout=30) == 0
@@ -115,6 +117,8 @@ def test_cli_serves_a_checkpoint_and_stops_on_sigterm(ckpt, reference):
     (["{ckpt}", "--max-body-mb", "0"], "--max-body-mb must be > 0"),
     (["{ckpt}", "--max-images", "0"], "serve setting max_images must be >= 1"),
     (["{ckpt}", "--device", "tpu"], "--device must be cpu or cuda"),
+    (["{ckpt}", "--device", "cuda:x"], "--device must be cpu or cuda, got 'cuda:x': use cpu, cuda or cuda:N"),
+    (["{ckpt}", "--device", "cuda:-1"], "--device must be cpu or cuda, got 'cuda:-1'"),
     (["{ckpt}", "--ray", "--port", "0"], "--ray needs a fixed --port"),
 ])
 def test_start_up_errors_are_one_line_exit_2(ckpt, tmp_path, capsys, args, text):
@@ -128,6 +132,25 @@ def test_start_up_errors_are_one_line_exit_2(ckpt, tmp_path, capsys, args, text)
         code = main(["serve", *(a.format(**fill) for a in args)])
     err = capsys.readouterr().err
     one_line_error(subprocess.CompletedProcess(args, code, "", err), text.format(**fill))
+
+
+def test_cli_refuses_a_checkpoint_with_nan_weights(ckpt, tmp_path):
+    """A diverged run's weights (NaN written into a trained checkpoint's safetensors): one line, exit 2, before
+    the server listens; `/model` and `/predict` never get to answer NaN."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "diverged"
+    shutil.copytree(ckpt, bad)
+    state = load_file(str(bad / "weights.safetensors"))
+    for name in [k for k, t in state.items() if t.is_floating_point()][::3]:
+        state[name] = torch.full_like(state[name], float("nan"))
+    save_file(state, str(bad / "weights.safetensors"))
+    p = subprocess.run(cli(str(bad), "--port", "0"), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    line = one_line_error(p, f"{bad / 'weights.safetensors'} holds non-finite values (NaN or infinity)")
+    assert "cannot be served" in line and "train.lr" in line and len(p.stderr.strip().splitlines()) == 1
+    assert "serving" not in p.stdout
 
 
 # -- MLflow URIs ------------------------------------------------------------------------------------------
@@ -252,7 +275,8 @@ def test_ray_serve_http_answers_as_uvicorn(ckpt, uvicorn_url, reference, ray_con
                 same_answer(a.json(), b.json())
             for data in (b"{bad", json.dumps(payload(1, {"ms": -1})).encode(),
                          json.dumps(payload(1, {"flops": 1})).encode()):
-                a, b = ray_c.post("/predict", content=data), uv_c.post("/predict", content=data)
+                a = ray_c.post("/predict", content=data, headers={"content-type": "application/json"})
+                b = uv_c.post("/predict", content=data, headers={"content-type": "application/json"})
                 assert (a.status_code, a.json()) == (b.status_code, b.json())
             assert ray_c.post("/predict", json=payload(1)).status_code == 200  # still serving
             timed = ray_c.post("/predict", json=payload(1, {"ms": 500})).json()
