@@ -26,14 +26,19 @@ pytestmark = pytest.mark.slow
 EPOCH_METRICS = ("train_loss", "train_accuracy", "val_accuracy", "val_nll", "epoch_seconds")
 
 
-def assert_same_weights(checkpoint, model, rtol: float = 1e-5) -> None:
-    """Every tensor of the state dict (parameters and BN running statistics): ||a - b|| <= rtol ||b||."""
+def assert_same_weights(checkpoint, model, rtol: float = 1e-5, atol: float = 1e-6) -> None:
+    """Every tensor of the state dict (parameters and BN running statistics): ||a - b|| <= rtol ||b|| + atol.
+
+    `atol`: batch-norm biases start at 0 and stay ~1e-3 in these short runs, so a rounding-level difference
+    (1e-7 absolute, e.g. matmul blocking that depends on memory alignment in the in-process reference) is
+    1e-4 *relative* there; one SGD step at these learning rates moves a weight by ~1e-5 or more, so a real
+    difference (a lost or repeated step) is still far above 1e-6."""
     got = load_file(str(checkpoint / "weights.safetensors"))
     ref = model.state_dict()
     assert sorted(got) == sorted(ref)
     for name, b in ref.items():
-        rel = float((got[name].double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
-        assert rel <= rtol, (name, rel)
+        diff = float((got[name].double() - b.double()).norm())
+        assert diff <= rtol * float(b.double().norm()) + atol, (name, diff, float(b.double().norm()))
 
 
 def test_more_workers_than_the_cluster_has_cpus_is_refused_at_once(ray_connected, tmp_path):
