@@ -79,6 +79,9 @@ class Session:
         """A context manager yielding the folder to resume from, or None."""
         return nullcontext(None)
 
+    def on_resume(self, state: dict) -> None:
+        """The train_state.json content of the checkpoint resumed from (e.g. the MLflow run id)."""
+
     def resumed_complete(self) -> None:
         """Called when the checkpoint resumed from is already the final one (nothing left to train)."""
 
@@ -153,6 +156,7 @@ def run(config: Config, data: DataSplits, device, comm: Collective | None = None
         if folder is not None:
             state, plan = read_train_state(Path(folder))
             start = int(state["epoch"])
+            session.on_resume(state)
             model, optimizer, scheduler = _fresh(config, data, plan, device, warm if start < warm else t.epochs)
             restore_into(Path(folder), model, optimizer, scheduler, device)
             history, resumes = list(state["history"]), list(state.get("resumes", [])) + [start]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import shutil
 import sys
 import tempfile
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -25,7 +26,7 @@ from ensemble.collective import Collective
 from ensemble.config import from_dict
 from ensemble.data import load_data
 from ensemble.exits import ANYTIME_FILE
-from ensemble.loop import Diverged, Session, epoch_line, run
+from ensemble.loop import Diverged, Session, run
 from ensemble.train_state import STATE_FILE, latest_complete
 from ensemble.training import resolve_device
 
@@ -33,7 +34,7 @@ from .parallel import Layout, WorkerCollective
 
 DIVERGED_FILE = "diverged.txt"  # in the run folder: why the last attempt stopped (read by the driver)
 MODEL_FILES = ("weights.safetensors", "plan.json", "config.json", "metrics.json", ANYTIME_FILE)
-__all__ = ["MODEL_FILES", "STATE_FILE", "latest_local_checkpoint", "train_loop", "epoch_line"]
+__all__ = ["MODEL_FILES", "STATE_FILE", "latest_local_checkpoint", "train_loop"]
 
 
 class InjectedCrash(RuntimeError):
@@ -62,7 +63,7 @@ class RaySession(Session):
         self.crash_epoch = int(spec.get("crash_at_epoch") or 0)
         self.run_id = spec.get("run_id")
         self._checkpoint = None
-        self.tracker = None
+        self._tracker = None
 
     def restore_dir(self):
         ckpt = self.train.get_checkpoint()
@@ -70,17 +71,19 @@ class RaySession(Session):
             found = latest_local_checkpoint(self.run_dir)
             ckpt = self.train.Checkpoint.from_directory(str(found)) if found else None
         self._checkpoint = ckpt
-        if ckpt is not None:
-            state = ckpt.as_directory()
-            return _RunIdReader(state, self)
-        self._start_tracker()
-        return _Nothing()
+        return ckpt.as_directory() if ckpt is not None else nullcontext(None)
 
-    def _start_tracker(self) -> None:
-        if self.rank == 0 and self.spec.get("tracking_uri") and self.run_id:
+    def on_resume(self, state: dict) -> None:
+        self.run_id = state.get("mlflow_run_id") or self.run_id
+
+    @property
+    def tracker(self):
+        """Rank 0's MLflow logger, made on first use (after a resume has told the run id)."""
+        if self._tracker is None and self.rank == 0 and self.spec.get("tracking_uri") and self.run_id:
             from .tracking import RunLogger
 
-            self.tracker = RunLogger(self.spec["tracking_uri"], self.run_id)
+            self._tracker = RunLogger(self.spec["tracking_uri"], self.run_id)
+        return self._tracker
 
     def resumed_complete(self) -> None:
         if self.local and self._checkpoint is not None:  # nothing left to do: hand back the final one
@@ -110,33 +113,6 @@ class RaySession(Session):
         self.train.report(report, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_dir_name(epoch))
         if tmp is not None and not self.local:
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-class _Nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
-class _RunIdReader:
-    """`Checkpoint.as_directory()` that also picks the MLflow run id out of the checkpoint it opens."""
-
-    def __init__(self, inner, session: RaySession):
-        self.inner, self.session = inner, session
-
-    def __enter__(self):
-        import json
-
-        folder = self.inner.__enter__()
-        state = json.loads((Path(folder) / STATE_FILE).read_text())
-        self.session.run_id = state.get("mlflow_run_id") or self.session.run_id
-        self.session._start_tracker()
-        return folder
-
-    def __exit__(self, *exc):
-        return self.inner.__exit__(*exc)
 
 
 def train_loop(spec: dict) -> dict:
