@@ -1,1 +1,14 @@
-"""Exit heads, step costs, schedules, the budgeted predictor, the evaluator and the HTTP app."""
+"""Anytime prediction (DESIGN.md step 10), one concept a module (exit heads are bank slots: `ensemble.exits`).
+
+* `costs`: FLOPs per step, of a member's own forward, cumulative along a schedule;
+* `schedule`: the schedules (`member`, `explicit`, `greedy`) named by `[anytime] schedule`;
+* `combine`: the combiner, mean of the started members' latest-exit softmax (`ensemble.metrics.combine`);
+* `record`: the anytime record (anytime.json): computed, written after training, checked on load;
+* `store`: a checkpoint with its record, and the checks/hashes of the files a server loads;
+* `budget`: the typed budget (`FlopsBudget`, `DeadlineBudget`, none) a prediction may spend;
+* `predictor`: `AnytimePredictor`, the longest schedule prefix within a budget;
+* `evaluate`: accuracy/NLL/ECE vs cumulative FLOPs, member subsets, exits (`superweights evaluate`);
+* serving: `serving_predictor` (step times per batch bucket), `batching` (micro-batches of equal budgets),
+  `serve_schemas` (the one request schema, parsing, client errors), `serve_service` (`AnytimeService`,
+  `ServeSettings`), `http_app` (the FastAPI app), `serve_thread` (uvicorn in a thread, tests/benchmarks).
+"""

@@ -16,9 +16,11 @@ from torch import Tensor
 
 from core.errors import SuperweightsError
 from ensemble.data import load_data
-from ensemble.exits import exit_probabilities
 from ensemble.metrics import accuracy, disagreement, ece, nll
 
+from .combine import LatestExits, combine
+from .costs import cumulative_flops
+from .record import exit_probabilities
 from .store import AnytimeCheckpoint, load_anytime
 
 SPLITS = ("val", "test")
@@ -40,8 +42,8 @@ def normalized_auc(cumulative_flops: list[float], accuracies: list[float]) -> fl
 
 
 def point_metrics(member_probs: Tensor, labels: Tensor) -> dict:
-    """Metrics of the mean of member probabilities (N, M, C)."""
-    mean = member_probs.mean(1)
+    """Metrics of the ensemble (`combine`) of member probabilities (N, M, C)."""
+    mean = combine(member_probs)
     return {"accuracy": accuracy(mean, labels), "nll": nll(mean, labels), "ece": ece(mean, labels),
             "disagreement": disagreement(member_probs)}
 
@@ -50,13 +52,12 @@ def evaluate_anytime(ckpt: AnytimeCheckpoint, exit_probs: list[Tensor], labels: 
     """Tables (lists of row dicts) and the summary from every exit's probabilities on one split."""
     rec, names = ckpt.record, list(ckpt.model.names)
     flops = rec["step_flops"]
-    schedule, latest, cum = [], {}, 0
-    for i, (m, k) in enumerate(ckpt.steps):
-        latest[m] = exit_probs[m][:, k]
-        cum += flops[m][k]
+    schedule, latest = [], LatestExits()
+    for i, ((m, k), cum) in enumerate(zip(ckpt.steps, cumulative_flops(flops, ckpt.steps))):
+        latest.update(m, exit_probs[m][:, k])
         row = {"step": i + 1, "member": names[m], "exit": k, "stage": rec["exit_stages"][m][k],
                "step_flops": flops[m][k], "cumulative_flops": cum, "members_started": len(latest)}
-        row.update(point_metrics(torch.stack(list(latest.values()), 1), labels))
+        row.update(point_metrics(latest.stacked(), labels))
         schedule.append(row)
     subsets = []
     for r in range(1, len(names) + 1):

@@ -1,10 +1,10 @@
 """Budgeted anytime predictor (DESIGN.md step 10).
 
-Runs the longest prefix of the schedule that fits a FLOPs budget and/or a latency deadline, step by step:
-a step advances one member to its next exit and reuses that member's trunk state, so a member's stem and
-stages run once however many of its exits are used. Prediction after a prefix = mean of the softmax of
-each started member's latest exit. Inference uses materialised weights (`model.materialize()`), so weight
-generation is not part of the cost.
+Runs the longest prefix of the schedule that fits a `Budget` (`anytime.budget`: FLOPs and/or a latency
+deadline), step by step: a step advances one member to its next exit and reuses that member's trunk state, so
+a member's stem and stages run once however many of its exits are used. Prediction after a prefix = the
+combiner (`anytime.combine`) on each started member's latest exit. Inference uses materialised weights
+(`model.materialize()`), so weight generation is not part of the cost.
 
 FLOPs are per image (as measured by `FlopCounterMode` on a batch of one); a batch of B images costs B
 times as much, the budget is compared with per-image FLOPs.
@@ -23,11 +23,16 @@ from core.errors import SuperweightsError
 from ensemble.exits import as_steps
 from ensemble.model import StackedEnsemble
 
+from .budget import Budget, budget_of
+from .combine import LatestExits
+from .costs import Step, cumulative_flops
+from .record import record_steps
+
 
 @dataclass
 class Prediction:
     probs: Tensor  # (B, C) ensemble class probabilities
-    steps: list[tuple[int, int]]  # (member, exit) run, in order
+    steps: list[Step]  # (member, exit) run, in order
     flops: int  # per-image FLOPs spent (sum of the steps' FLOPs)
     elapsed_ms: float  # wall time of the steps (normalisation and combination included)
     deadline_met: bool | None = None  # None without a deadline
@@ -45,13 +50,9 @@ class AnytimePredictor:
         self.device = torch.device(device) if device is not None else self.model.mean.device
         self.model.to(self.device)
         self.members = [as_steps(m) for m in self.model.members]
-        self.steps = [tuple(s) for s in record["schedule"]["steps"]]
+        self.steps = record_steps(record)
         self.step_flops = [record["step_flops"][m][k] for m, k in self.steps]
-        self.cumulative_flops = []
-        total = 0
-        for f in self.step_flops:
-            total += f
-            self.cumulative_flops.append(total)
+        self.cumulative_flops = cumulative_flops(record["step_flops"], self.steps)
         self._times: dict[tuple, list[float]] = {}
 
     @classmethod
@@ -88,7 +89,7 @@ class AnytimePredictor:
         start = time.perf_counter()
         h0 = self.model.normalize(x)
         state: dict[int, Tensor] = {}
-        latest: dict[int, Tensor] = {}
+        latest = LatestExits()
         done, step_ms = [], []
         for i in range(limit):
             m, k = self.steps[i]
@@ -99,28 +100,34 @@ class AnytimePredictor:
                     break
             t0 = time.perf_counter()
             state[m], logits = self.members[m].advance(state.get(m, h0), k)
-            latest[m] = logits.float().softmax(-1)
+            latest.update(m, logits.float().softmax(-1))
             if timed:
                 _sync(self.device)
                 step_ms.append((time.perf_counter() - t0) * 1e3)
             done.append((m, k))
-        probs = torch.stack(list(latest.values()), 0).mean(0)
+        probs = latest.probs()
         _sync(self.device)
         elapsed = (time.perf_counter() - start) * 1e3
-        return (done, latest, probs, elapsed), step_ms
+        return (done, latest.latest, probs, elapsed), step_ms
 
     @torch.no_grad()
-    def predict(self, x: Tensor, budget_flops: int | float | None = None,
-                deadline_ms: float | None = None) -> Prediction:
-        """Class probabilities after the longest schedule prefix within the budget/deadline.
+    def predict(self, x: Tensor, budget_flops: int | float | None = None, deadline_ms: float | None = None, *,
+                budget: Budget | None = None) -> Prediction:
+        """Class probabilities after the longest schedule prefix within `budget` (what the server passes), or
+        within the shortcuts `budget_flops` (per image) and/or `deadline_ms` (a budget built by `budget_of`).
 
         The first step always runs (a FLOPs budget below it is an error naming the minimum); under a
         deadline a later step starts only if its measured time fits; `deadline_met` reports the outcome.
         """
-        limit = self.prefix_for_budget(budget_flops)
-        times = self.calibrate(x) if deadline_ms is not None else None
-        (done, latest, probs, elapsed), _ = self._run(x, limit, deadline_ms, times=times)
+        if budget is None:
+            budget = budget_of(flops=budget_flops, ms=deadline_ms)
+        elif budget_flops is not None or deadline_ms is not None:
+            raise TypeError("predict: pass either budget or budget_flops/deadline_ms, not both")
+        limit = self.prefix_for_budget(budget.max_flops)
+        deadline = budget.deadline_ms
+        times = self.calibrate(x) if deadline is not None else None
+        (done, latest, probs, elapsed), _ = self._run(x, limit, deadline, times=times)
         flops = sum(self.step_flops[: len(done)])
         return Prediction(probs=probs, steps=done, flops=flops, elapsed_ms=elapsed,
-                          deadline_met=None if deadline_ms is None else elapsed <= deadline_ms,
+                          deadline_met=None if deadline is None else elapsed <= deadline,
                           member_probs=latest)

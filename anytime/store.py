@@ -1,8 +1,10 @@
-"""anytime.json next to a checkpoint: exits, per-step FLOPs and the schedule, checked against the model.
+"""A checkpoint as anytime prediction reads it: the model plus its anytime record (`anytime.record`), checked
+against each other on every load; and the checks and content hashes of the files a server loads.
 
-The training loop (`ensemble.loop.run`) writes it into the final checkpoint; folders without it
-(intermediate epoch checkpoints, older runs) get it computed on first use here (FLOPs are measured once
-per plan, the greedy schedule needs the validation split) and cached in the folder when it is writable.
+The training pipeline writes the record into the final checkpoint; folders without it (intermediate epoch
+checkpoints, older runs, `ensemble.loop.fit` without `finish`) get it computed on first use here (FLOPs are
+measured once per plan, the greedy schedule needs the validation split) and cached in the folder when it is
+writable.
 """
 
 from __future__ import annotations
@@ -20,9 +22,9 @@ from core.errors import SuperweightsError
 from ensemble.checkpoint import FILES, load_checkpoint
 from ensemble.config import Config
 from ensemble.data import DatasetInfo, load_data
-from ensemble.exits import ANYTIME_FILE, anytime_record, step_flops, write_anytime
 from ensemble.model import StackedEnsemble
-from ensemble.planning import example_input, meta_members
+
+from .record import ANYTIME_FILE, anytime_record, check_record, record_steps, write_record
 
 
 @dataclass
@@ -35,28 +37,7 @@ class AnytimeCheckpoint:
 
     @property
     def steps(self) -> list[tuple[int, int]]:
-        return [tuple(s) for s in self.record["schedule"]["steps"]]
-
-
-def check_record(record: dict, model: StackedEnsemble, config: Config, info: DatasetInfo, where: str) -> dict:
-    """Raise a one-line error unless `record` describes `model` (names, exits, FLOPs, a valid schedule)."""
-    try:
-        names, exits, flops = record["members"], record["num_exits"], record["step_flops"]
-        record["direct_flops"], record["exit_stages"]  # noqa: B018  (required keys)
-        steps = [tuple(s) for s in record["schedule"]["steps"]]
-    except (KeyError, TypeError) as e:
-        raise SuperweightsError(f"{where} is malformed (missing {e})") from None
-    if names != list(model.names) or exits != model.num_exits:
-        raise SuperweightsError(f"{where} does not match the checkpoint: members {names} with exits {exits}, "
-                                f"checkpoint has {list(model.names)} with exits {model.num_exits}")
-    measured = step_flops(meta_members(config, info), example_input(info))
-    if flops != measured:
-        raise SuperweightsError(f"{where} does not match the checkpoint: step FLOPs {flops} != measured {measured}")
-    expected = sorted((m, k) for m, e in enumerate(exits) for k in range(e))
-    in_order = all(steps.index((m, k)) < steps.index((m, k + 1)) for m, k in steps if (m, k + 1) in steps)
-    if sorted(steps) != expected or not in_order:
-        raise SuperweightsError(f"{where}: the schedule must run every exit of every member once, in order per member")
-    return record
+        return record_steps(self.record)
 
 
 def load_anytime(folder, device: str | torch.device = "cpu", write: bool = True) -> AnytimeCheckpoint:
@@ -76,7 +57,7 @@ def load_anytime(folder, device: str | torch.device = "cpu", write: bool = True)
         record = anytime_record(model, config, info, val, device)
         if write:
             try:
-                write_anytime(folder, record)
+                write_record(folder, record)
             except OSError:
                 pass  # read-only checkpoint: the record is recomputed next time
     check_record(record, model, config, info, str(path))

@@ -16,10 +16,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from anytime.predictor import AnytimePredictor  # noqa: E402
+from anytime.record import anytime_record  # noqa: E402
 from bench.common import interleaved, write_section  # noqa: E402
 from ensemble.config import load_config  # noqa: E402
 from ensemble.data import DatasetInfo  # noqa: E402
-from ensemble.exits import anytime_record  # noqa: E402
 from ensemble.model import build_ensemble  # noqa: E402
 
 CASES = {

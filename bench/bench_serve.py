@@ -44,11 +44,13 @@ def pct(values: list[float], q: float) -> float:
 
 
 def make_checkpoint(members: str, out: Path) -> Path:
+    from anytime.record import finish_checkpoint
     from ensemble.config import load_config
     from ensemble.loop import fit
 
     fit(load_config(None, [f"ensemble.members={members}", 'ensemble.exits="all"', "train.epochs=1",
-                           "data.train_per_class=20"]), out_dir=out, progress=False, log=lambda s: None)
+                           "data.train_per_class=20"]), out_dir=out, progress=False, log=lambda s: None,
+        finish=finish_checkpoint)
     return out
 
 

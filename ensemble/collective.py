@@ -23,6 +23,8 @@ import math
 
 from torch import Tensor, nn
 
+from .metrics import combine
+
 
 class Collective:
     rank = 0
@@ -44,7 +46,7 @@ class Collective:
         pass
 
     def step_stats(self, loss: Tensor, logits: Tensor, y: Tensor) -> tuple[float, int, int]:
-        correct = int((logits.softmax(-1).mean(1).argmax(-1) == y).sum())
+        correct = int((combine(logits.softmax(-1)).argmax(-1) == y).sum())
         return float(loss) * len(y), correct, len(y)
 
     def step_finite(self, loss: Tensor) -> bool:

@@ -1,4 +1,4 @@
-"""Early exits (DESIGN.md step 10): exit heads, the `ExitMember` wrapper, per-step FLOPs and schedules.
+"""Early exits (DESIGN.md step 10): exit heads and the `ExitMember` wrapper (bank slots, part of the model).
 
 A member follows the staged protocol: `stem`, `stages` (ModuleList), `head` (its classifier) and
 `stage_channels`. `ExitMember(member, exit_stages, heads)` adds a head after each chosen stage; the
@@ -7,23 +7,16 @@ exit `(B, E, C)`, so `core.slots.trace_slots` lists the exit linears as bank slo
 any other weight. A *step* advances one member to its next exit; `advance(h, k)` runs exactly the ops of
 step k, so per-step FLOPs sum to the full forward.
 
-Schedules and costs live here (not in `anytime/`) because the training loop (`ensemble.loop.run`) writes
-them into the final checkpoint (anytime.json) and `ensemble` must not import `anytime` (layering
-core <- ensemble <- anytime).
+Step costs, schedules, the combiner and the anytime record are `anytime`'s (`anytime.costs`,
+`anytime.schedule`, `anytime.combine`, `anytime.record`).
 """
 
 from __future__ import annotations
-
-import json
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from core.errors import SuperweightsError
-from core.flops import count_flops
-
-ANYTIME_FILE = "anytime.json"
 
 
 def exit_head(feature_shape: tuple[int, ...], num_classes: int) -> nn.Module:
@@ -143,147 +136,3 @@ def wrap_with_exits(member: nn.Module, name: str, exits, example: Tensor, num_cl
     shapes = stage_shapes(meta_member, example.to("meta"))
     heads = [exit_head(shapes[s], num_classes) for s in exit_stages[:-1]]
     return ExitMember(member, exit_stages, heads)
-
-
-# ----------------------------------------------------------------------------------------- costs
-
-
-def step_flops(members: list[nn.Module], example: Tensor) -> list[list[int]]:
-    """FLOPs (per `example`, 2 x MACs, FlopCounterMode) of every step of every member; trace on meta."""
-    out = []
-    for m in members:
-        m.eval()  # a batch of one: BatchNorm refuses it in training mode at 1x1 maps
-        steps = as_steps(m)
-        h, row = example, []
-        for k in range(steps.num_exits):
-            holder: dict = {}
-
-            def run(h=h, k=k, holder=holder, steps=steps):
-                holder["h"] = steps.advance(h, k)[0]
-
-            row.append(count_flops(run))
-            h = holder["h"]
-        out.append(row)
-    return out
-
-
-# ------------------------------------------------------------------------------------- schedules
-
-
-def member_major(num_exits: list[int]) -> list[tuple[int, int]]:
-    return [(m, k) for m, e in enumerate(num_exits) for k in range(e)]
-
-
-def explicit_schedule(order: list[int] | tuple[int, ...], num_exits: list[int]) -> list[tuple[int, int]]:
-    """Member index per step; each member must appear exactly as many times as it has exits."""
-    counts = [0] * len(num_exits)
-    steps = []
-    for m in order:
-        if not 0 <= m < len(num_exits):
-            raise SuperweightsError(f"anytime.order: member index {m} does not exist (members 0..{len(num_exits) - 1})")
-        steps.append((m, counts[m]))
-        counts[m] += 1
-    if counts != list(num_exits):
-        raise SuperweightsError(f"anytime.order must name each member once per exit (exits per member {list(num_exits)}), "
-                                f"got counts {counts}")
-    return steps
-
-
-def prefix_probs(exit_probs: list[Tensor], steps: list[tuple[int, int]]) -> list[Tensor]:
-    """Ensemble probabilities (N, C) after each prefix: mean over started members of their latest exit."""
-    latest: dict[int, Tensor] = {}
-    out = []
-    for m, k in steps:
-        latest[m] = exit_probs[m][:, k]
-        out.append(torch.stack(list(latest.values()), 0).mean(0))
-    return out
-
-
-def greedy_schedule(exit_probs: list[Tensor], labels: Tensor, flops: list[list[int]]) -> list[tuple[int, int]]:
-    """At each point take the step (advance one member) with the largest validation accuracy gain per FLOP.
-
-    exit_probs[m]: (N, E_m, C) validation probabilities of every exit of member m. Ties: fewer FLOPs,
-    then lower member index (deterministic).
-    """
-    next_exit = [0] * len(exit_probs)
-    latest: dict[int, Tensor] = {}
-    current = 0.0
-    steps = []
-    while any(next_exit[m] < p.shape[1] for m, p in enumerate(exit_probs)):
-        best = None
-        for m, p in enumerate(exit_probs):
-            k = next_exit[m]
-            if k >= p.shape[1]:
-                continue
-            trial = dict(latest)
-            trial[m] = p[:, k]
-            acc = float((torch.stack(list(trial.values()), 0).mean(0).argmax(-1) == labels).double().mean())
-            key = ((acc - current) / max(flops[m][k], 1), -flops[m][k], -m)
-            if best is None or key > best[0]:
-                best = (key, m, k, acc)
-        _, m, k, acc = best
-        steps.append((m, k))
-        latest[m] = exit_probs[m][:, k]
-        next_exit[m] += 1
-        current = acc
-    return steps
-
-
-def make_schedule(kind: str, order, exit_probs: list[Tensor] | None, labels: Tensor | None,
-                  flops: list[list[int]]) -> list[tuple[int, int]]:
-    num_exits = [len(f) for f in flops]
-    if kind == "member":
-        return member_major(num_exits)
-    if kind == "explicit":
-        return explicit_schedule(order, num_exits)
-    if exit_probs is None:
-        raise SuperweightsError("a greedy schedule needs validation data")
-    return greedy_schedule(exit_probs, labels, flops)
-
-
-@torch.no_grad()
-def exit_probabilities(model, loader, device) -> tuple[list[Tensor], Tensor]:
-    """Softmax of every exit of every member: list over members of (N, E_m, C), and labels (N,)."""
-    model.eval()
-    per_member: list[list[Tensor]] = [[] for _ in model.members]
-    labels = []
-    for x, y in loader:
-        for m, out in enumerate(model.forward_exits_list(x.to(device))):
-            per_member[m].append(out.float().softmax(-1).cpu())
-        labels.append(y)
-    return [torch.cat(p) for p in per_member], torch.cat(labels)
-
-
-def anytime_record(model, config, info, val_loader=None, device="cpu") -> dict:
-    """The anytime.json content: exits, per-step FLOPs (measured once per plan) and the schedule."""
-    from .planning import example_input, meta_members
-
-    metas = meta_members(config, info)
-    flops = step_flops(metas, example_input(info))
-    full = [sum(f) for f in flops]
-    exit_probs = labels = None
-    if config.anytime.schedule == "greedy" and val_loader is not None:
-        exit_probs, labels = exit_probabilities(model, val_loader, device)
-    steps = make_schedule(config.anytime.schedule, config.anytime.order, exit_probs, labels, flops)
-    cumulative, total = [], 0
-    for m, k in steps:
-        total += flops[m][k]
-        cumulative.append(total)
-    return {
-        "members": list(model.names),
-        "input_shape": [info.in_channels, *info.image_size],
-        "exit_stages": [list(getattr(m, "exit_stages", [len(getattr(m, "stages", [None])) - 1])) for m in metas],
-        "num_exits": [len(f) for f in flops],
-        "step_flops": flops,
-        "member_flops": full,
-        # the member's own forward (classifier only, exit heads skipped): the cost in the subset protocol
-        "direct_flops": [count_flops(m.eval().last if isinstance(m, ExitMember) else m, example_input(info)) for m in metas],
-        "schedule": {"kind": config.anytime.schedule, "steps": [list(s) for s in steps],
-                     "cumulative_flops": cumulative},
-    }
-
-
-def write_anytime(out_dir, record: dict) -> Path:
-    path = Path(out_dir) / ANYTIME_FILE
-    path.write_text(json.dumps(record, indent=2) + "\n")
-    return path

@@ -11,7 +11,7 @@ The method's learning steps are phases of this loop, on every worker layout (`Co
             re-initialised model and optimizer on it
         after training epoch bank.unshare_epoch: per-member coefficient gradients -> unsharing
         checkpoint (every `session.checkpoint_every` epochs and at the end; the last one with test
-            metrics and the anytime record)
+            metrics and what `session.finish` adds: the training pipeline's anytime record)
 
 A checkpoint holds the current plan (plan.json), so a run that crashes after regrouping or unsharing
 resumes on the learned plan, and the optimizer/LR schedule of its phase. Where checkpoints go and what
@@ -36,7 +36,6 @@ from core.errors import SuperweightsError
 from .collective import Collective
 from .config import Config
 from .data import DataSplits, load_data
-from .exits import anytime_record, write_anytime
 from .grouping import regroup_plan, unshare_coefficients
 from .model import StackedEnsemble, build_ensemble
 from .ssn_model import learned_ssn_groups, make_ssn_plan
@@ -72,8 +71,11 @@ class Session:
 
     checkpoint_every = 0  # 0 = only the final epoch
 
-    def __init__(self, final_dir: str | Path | None = None):
+    def __init__(self, final_dir: str | Path | None = None, finish: Callable | None = None):
+        """`finish(folder, model, config, data, device)`: writes what the layers above `ensemble` add to the
+        final checkpoint (the training pipeline passes `anytime.record.finish_checkpoint`, the anytime record)."""
         self.final_dir = None if final_dir is None else Path(final_dir).absolute()
+        self.finish = finish
 
     def restore_dir(self):
         """A context manager yielding the folder to resume from, or None."""
@@ -240,16 +242,16 @@ def run(config: Config, data: DataSplits, device, comm: Collective | None = None
 
             write = partial(_write_folder, config=config, data=data, model=model, optimizer=optimizer,
                             scheduler=scheduler, metrics=saved, history=history, epoch=epoch + 1, resumes=resumes,
-                            extra=session.state_extra(), anytime=last, device=device)
+                            extra=session.state_extra(), finish=session.finish if last else None, device=device)
         session.save(epoch + 1, write, report, last, metrics)
     return LoopResult(model, history, metrics, start, resumes)
 
 
 def _write_folder(folder: Path, *, config, data, model, optimizer, scheduler, metrics, history, epoch, resumes,
-                  extra, anytime: bool, device) -> Path:
+                  extra, finish: Callable | None, device) -> Path:
     write_train_state(folder, config, data.info, model, optimizer, scheduler, metrics, history, epoch, resumes, extra)
-    if anytime:  # exits, per-step FLOPs and the anytime schedule (greedy on validation data)
-        write_anytime(folder, anytime_record(model, config, data.info, data.val, device))
+    if finish is not None:  # the final checkpoint: e.g. the anytime record (greedy schedule on validation data)
+        finish(folder, model, config, data, device)
     return Path(folder)
 
 
@@ -262,12 +264,14 @@ class FitResult:
 
 
 def fit(config: Config, out_dir: str | Path | None = None, device: str = "cpu", progress: bool = True,
-        log: Callable[[str], None] = print, data: DataSplits | None = None) -> FitResult:
-    """`run` in this process, no Ray, no resume: the final checkpoint folder goes to `out_dir` (if given).
-    `superweights train --workers 0` runs the same loop through Ray Train's local mode."""
+        log: Callable[[str], None] = print, data: DataSplits | None = None,
+        finish: Callable | None = None) -> FitResult:
+    """`run` in this process, no Ray, no resume: the final checkpoint folder goes to `out_dir` (if given), with
+    what `finish` adds (`Session`). `superweights train --workers 0` runs the same loop through Ray Train's
+    local mode."""
     dev = resolve_device(device)
     t = config.train
     data = data or load_data(config.data, t.seed, t.batch_size, t.eval_batch_size)
-    session = Session(out_dir)
+    session = Session(out_dir, finish)
     result = run(config, data, dev, session=session, log=log, progress=progress)
     return FitResult(result.model, result.history, result.metrics, session.final_dir)

@@ -39,9 +39,16 @@ def disagreement(member_probs: Tensor) -> float:
     return float(torch.stack(pairs).mean())
 
 
+def combine(member_probs: Tensor) -> Tensor:
+    """THE combiner (DESIGN.md step 10): probabilities `(N, M, C)` of M members, each at its latest exit ->
+    ensemble probabilities `(N, C)`, their mean. Here for the training metrics (`ensemble` may not import
+    `anytime`); `anytime.combine` re-exports it for the predictor, the schedules and the evaluator."""
+    return member_probs.mean(1)
+
+
 def ensemble_report(member_probs: Tensor, labels: Tensor, names: list[str]) -> dict:
     """The metrics.json shape: {"ensemble": {...}, "members": {name: {...}}} (keys stable)."""
-    mean = member_probs.mean(1)
+    mean = combine(member_probs)
     return {
         "ensemble": {
             "accuracy": accuracy(mean, labels),

@@ -29,7 +29,10 @@ def write_train_state(folder: Path, config, info, model, optimizer, scheduler, m
     folder.mkdir(parents=True, exist_ok=True)
     save_checkpoint(folder, config, info, model, metrics, history)
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, folder / OPTIMIZER_FILE)
-    state = {**(extra or {}), "epoch": epoch, "history": history,
+    # Every file's size: Ray persists a checkpoint by copying its folder in no particular order, so a copy
+    # cut short (Ctrl-C, a dead node) can hold this file but not all of the others, or only part of them.
+    files = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file() and p.name != STATE_FILE}
+    state = {**(extra or {}), "epoch": epoch, "history": history, "files": files,
              "resumes": list(resumes)}  # epochs training was resumed at (restarts and reruns)
     (folder / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
     return folder
@@ -52,7 +55,25 @@ def restore_into(folder: Path, model, optimizer, scheduler, device) -> None:
     scheduler.load_state_dict(opt["scheduler"])
 
 
+def is_complete(folder: Path) -> bool:
+    """train_state.json is there, readable, and every file it lists has the size it was written with."""
+    try:
+        files = json.loads((Path(folder) / STATE_FILE).read_text()).get("files", {})
+    except (OSError, ValueError):
+        return False
+    for name, size in files.items():
+        try:
+            if (Path(folder) / name).stat().st_size != size:
+                return False
+        except OSError:
+            return False
+    return True
+
+
 def latest_complete(run_dir: Path, pattern: str = "checkpoint_epoch_*") -> Path | None:
-    """The newest complete checkpoint folder under `run_dir` (one with its train_state.json)."""
-    done = sorted(p for p in Path(run_dir).glob(pattern) if (p / STATE_FILE).is_file())
-    return done[-1] if done else None
+    """The newest complete checkpoint folder under `run_dir` (see `is_complete`); folder names sort by epoch."""
+    try:
+        folders = sorted(Path(run_dir).glob(pattern), reverse=True)
+    except OSError:  # e.g. storage another node cannot see
+        return None
+    return next((p for p in folders if is_complete(p)), None)

@@ -12,7 +12,7 @@ import sys
 
 from core.errors import SuperweightsError
 
-from .exit_codes import run_guarded
+from .exit_codes import interrupt_on_sigterm, run_guarded
 
 DESCRIPTION = """One shared SuperWeight bank generates the weights of several heterogeneous networks
 (an ensemble) under an exact parameter budget. Configs are TOML files (see configs/); any key can be
@@ -206,7 +206,6 @@ def cmd_serve(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    import signal
     from pathlib import Path
 
     from .compare import ChildResources, build_report, compare, format_markdown, write_report
@@ -232,7 +231,6 @@ def cmd_compare(args) -> int:
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]
         resources = ChildResources(cpus=args.child_cpus, gpus=args.child_gpus, max_concurrent=args.max_concurrent,
                                    device=args.device)
-        signal.signal(signal.SIGTERM, _sigterm)  # `ray job stop`: in-flight children and the parent end KILLED
         report = compare(args.config, args.overrides, budgets, args.seeds, methods, args.experiment,
                          args.tracking_uri, out, log=lambda s: print(s, flush=True), resources=resources,
                          address=args.address)
@@ -241,16 +239,14 @@ def cmd_compare(args) -> int:
     return 0
 
 
-def _sigterm(signum, frame):
-    raise KeyboardInterrupt
-
-
 COMMANDS = {"plan": cmd_plan, "train": cmd_train, "models": cmd_models, "evaluate": cmd_evaluate, "serve": cmd_serve,
             "compare": cmd_compare}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("train", "compare"):  # serve has its own graceful shutdown (uvicorn / Ray Serve)
+        interrupt_on_sigterm()  # `ray job stop`: the runs (and in-flight compare children) end KILLED
     return run_guarded(lambda: COMMANDS[args.command](args))
 
 

@@ -41,6 +41,7 @@ from ensemble.loop import total_epochs
 from ensemble.training import validate_device
 
 from .compare_plots import plot_accuracy_vs_params, plot_anytime_panels
+from .orphans import fail_orphaned_runs
 from .tracking import RunLogger, check_tracking_uri, default_tracking_uri, end_run, plan_params, start_run
 
 CHECKPOINT_FILES = ("metrics.json", "plan.json", "config.json")  # logged under checkpoint/
@@ -450,6 +451,7 @@ def compare(config_path: str | None, overrides: list[str], budgets: list[float],
     `task` is what each Ray task runs (default `train_child`); tests swap it to inject failures."""
     resources.validate()
     uri = check_tracking_uri(uri or default_tracking_uri())
+    fail_orphaned_runs(uri, log)  # an earlier comparison's driver killed with -9 left its runs RUNNING
     children = plan_children(config_path, overrides, budgets, seeds, methods)
     finished = _finished_runs(uri, experiment)
     done = set() if finished is None or finished.empty else set(finished[f"tags.{SETTINGS_TAG}"])

@@ -23,6 +23,7 @@ import logging
 import os
 import shutil
 import socket
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from core.errors import SuperweightsError
 from ensemble.config import Config
 from ensemble.training import validate_device
 
+from .orphans import fail_orphaned_runs
 from .parallel import Layout, available_cpus, resolve_layout
 from .tracking import (
     EXPERIMENT,
@@ -249,16 +251,20 @@ def _worker_error(e: BaseException) -> str:
 def train(config: Config, options: RayOptions = RayOptions(), *, name: str | None = None,
           out: str | Path | None = None, tracking_uri: str | None = None, experiment: str = EXPERIMENT,
           device: str = "cpu", log: Callable[[str], None] = print, track: bool = True) -> TrainOutcome:
-    from ensemble.data import load_data
+    from ensemble.data import absolute_paths, load_data
     from ensemble.model import member_labels
     from ensemble.planning import plan_summary
 
     began = time.perf_counter()
     options.validate()
+    if options.workers != 0:  # Ray Train workers run in a folder of their own: relative data paths from here
+        config = dataclasses.replace(config, data=absolute_paths(config.data))
     device = validate_device(device)  # `--device tpu` must not quietly train on the CPU
     if device != "cpu" and options.workers != 0:
         options = dataclasses.replace(options, use_gpu=device.startswith("cuda"))
     uri = check_tracking_uri(tracking_uri or default_tracking_uri()) if track else None
+    if uri:
+        fail_orphaned_runs(uri, log)  # runs whose driver was killed with -9 do not stay RUNNING
     address = _ray_address(options)
     check_ray_address(address)
 
@@ -337,7 +343,12 @@ def train(config: Config, options: RayOptions = RayOptions(), *, name: str | Non
             "crash_at_epoch": options.crash_at_epoch, "use_gpu": options.use_gpu, "device": device,
         }
         (run_dir / DIVERGED_FILE).unlink(missing_ok=True)  # a reason from an earlier attempt is not this one's
-        result = _fit(spec, workers, options, run_name, storage)
+        # Ctrl-C: Ray Train's own SIGINT handler (installed by fit() in the main thread) aborts the controller and
+        # then leaves through sys.exit, so the run would end FAILED with exit 1 and no word. Fitting in a helper
+        # thread keeps ^C ours: KeyboardInterrupt here, the run KILLED, and ray.shutdown() below stops the
+        # controller and its workers (they are owned by this driver). With a caller's own Ray session (we did
+        # not connect) Ray's handler stays in charge. In-process (0 workers) the loop runs in this thread.
+        result = _fit(spec, workers, options, run_name, storage, in_thread=started_ray and workers > 0)
         if (run_dir / DIVERGED_FILE).is_file():  # no model files: the run did not finish
             raise SuperweightsError((run_dir / DIVERGED_FILE).read_text().strip())
         ckpt = Path(result.checkpoint.path) if result.checkpoint is not None else latest_local_checkpoint(run_dir)
@@ -360,7 +371,9 @@ def train(config: Config, options: RayOptions = RayOptions(), *, name: str | Non
                             extra={"resumes": state.get("resumes", [])})
     except KeyboardInterrupt:
         status = "KILLED"
-        raise
+        if run_id:
+            set_failure_tag(uri, run_id, "interrupted (Ctrl-C or SIGTERM)")
+        raise KeyboardInterrupt(_interrupted_line(run_name, run_dir)) from None
     except SuperweightsError as e:  # the reason, next to the FAILED status (e.g. where training diverged)
         if run_id:
             set_failure_tag(uri, run_id, str(e))
@@ -370,6 +383,15 @@ def train(config: Config, options: RayOptions = RayOptions(), *, name: str | Non
             end_run(uri, run_id, status)
         if started_ray:
             ray.shutdown()
+
+
+def _interrupted_line(run_name: str, run_dir: Path) -> str:
+    last = latest_local_checkpoint(run_dir)
+    if last is None:
+        return f"run {run_name} stopped before its first checkpoint (MLflow run KILLED)"
+    epoch = json.loads((last / STATE_FILE).read_text())["epoch"]
+    return (f"run {run_name} stopped (MLflow run KILLED); its newest checkpoint is epoch {epoch} ({last}): "
+            f"rerun with --name {run_name} to resume from there")
 
 
 def _method_steps(config: Config) -> list[str]:
@@ -398,7 +420,25 @@ def worker_cpus(workers: int, cpus_per_worker: int) -> int:
     return max(1, int(ray.available_resources().get("CPU", 1)) // workers)
 
 
-def _fit(spec: dict, workers: int, options: RayOptions, run_name: str, storage: Path):
+def _fit_in_thread(trainer):
+    """`trainer.fit()` in a daemon thread; the main thread waits for it, and stays interruptible by ^C."""
+    box: dict = {}
+
+    def target():
+        try:
+            box["result"] = trainer.fit()
+        except BaseException as e:  # handed to the main thread as it is
+            box["error"] = e
+
+    thread = threading.Thread(target=target, name="ray-train-fit", daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
+
+
+def _fit(spec: dict, workers: int, options: RayOptions, run_name: str, storage: Path, in_thread: bool = False):
     from ray.train import (
         CheckpointConfig,
         FailureConfig,
@@ -428,7 +468,7 @@ def _fit(spec: dict, workers: int, options: RayOptions, run_name: str, storage: 
                              logging_config=LoggingConfig(log_level="WARNING")),  # our own lines, not Ray's
     )
     try:
-        return trainer.fit()
+        return _fit_in_thread(trainer) if in_thread else trainer.fit()
     except TrainingFailedError as e:
         last = latest_local_checkpoint(storage / run_name)
         advice = (f"; the last checkpoint is {last}: rerun with --name {run_name} to resume" if last is not None

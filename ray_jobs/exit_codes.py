@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 from collections.abc import Callable
 
 from core.errors import SuperweightsError
@@ -14,6 +16,17 @@ def run_guarded(call: Callable[[], int]) -> int:
     except SuperweightsError as e:
         print(f"superweights: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("superweights: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:  # the raiser may say what was stopped and how to resume
+        print("superweights: interrupted" + (f": {e}" if str(e) else ""), file=sys.stderr)
         return 130
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def interrupt_on_sigterm() -> None:
+    """`kill` and `ray job stop` send SIGTERM: unwind as ^C does, so runs end KILLED with a line saying how to
+    resume, never RUNNING. (Signal handlers can only be set from the main thread.)"""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_interrupt)

@@ -1,7 +1,7 @@
 """`superweights serve MODEL`: anytime predictions over HTTP, on uvicorn (default) or Ray Serve (`--ray`).
 
 Both serve the same FastAPI app (`anytime.http_app.create_app`); the budget logic and micro-batching live
-in `anytime.http_app.AnytimeService`, so Ray Serve only adds replicas and routing (and ~6-7 ms per request
+in `anytime.serve_service.AnytimeService`, so Ray Serve only adds replicas and routing (and ~6-7 ms per request
 on this kind of machine, DESIGN.md). MODEL is a checkpoint folder or an MLflow URI (`ray_jobs.model_uri`).
 
 Ray Serve, three ways:
@@ -39,7 +39,7 @@ APP_NAME = "superweights-anytime"
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     """The serve command's options (shared by `superweights serve` and `python -m ray_jobs.serve`)."""
-    from anytime.http_app import ServeSettings
+    from anytime.serve_service import ServeSettings
 
     d = ServeSettings()
     p.add_argument("model", metavar="MODEL",
@@ -81,7 +81,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def settings_from_args(args):
-    from anytime.http_app import ServeSettings
+    from anytime.serve_service import ServeSettings
     from ensemble.training import resolve_device
 
     if args.max_body_mb <= 0:
@@ -101,7 +101,7 @@ def load_service(model: str, tracking_uri: str | None, settings, threads: int | 
     """Resolve MODEL (folder or MLflow URI) and build the service (weights materialised, steps timed)."""
     import torch
 
-    from anytime.http_app import AnytimeService
+    from anytime.serve_service import AnytimeService
 
     if threads:
         torch.set_num_threads(threads)
@@ -159,7 +159,7 @@ class AnytimeDeployment:
 
     def __init__(self, model: str, tracking_uri: str | None = None, settings: dict | None = None,
                  threads: int | None = None):
-        from anytime.http_app import ServeSettings
+        from anytime.serve_service import ServeSettings
 
         self.service = load_service(model, tracking_uri, ServeSettings(**(settings or {})), threads)
         gc.collect()
@@ -183,7 +183,7 @@ def deployment(model: str, tracking_uri: str | None = None, settings=None, *, re
     """The Ray Serve application (bound deployment) serving MODEL; `serve.run(deployment(...))`."""
     from ray import serve
 
-    from anytime.http_app import ServeSettings
+    from anytime.serve_service import ServeSettings
 
     if replicas < 1 or max_ongoing_requests < 1:
         raise SuperweightsError(f"--replicas and --max-ongoing-requests must be >= 1, got {replicas} "
@@ -198,7 +198,7 @@ def deployment(model: str, tracking_uri: str | None = None, settings=None, *, re
 def build_app(args: dict):
     """App builder for Ray's CLI: `serve run ray_jobs.serve:build_app model=... [replicas=2] [tracking_uri=...]
     [max_ongoing_requests=16] [any ServeSettings field=value]`."""
-    from anytime.http_app import ServeSettings
+    from anytime.serve_service import ServeSettings
 
     args = dict(args)
     if "model" not in args:

@@ -23,6 +23,8 @@ from urllib.parse import urlparse
 
 from core.errors import SuperweightsError
 
+from .driver_process import driver_tags
+
 EXPERIMENT = "superweights"
 METHOD_STEP_KEYS = ("groups", "grouping_threshold", "unshared_pairs", "coefficient_sets", "coefficient_params")
 EPOCH_KEYS = ("train_loss", "train_accuracy", "val_accuracy", "val_nll", "epoch_seconds")
@@ -84,7 +86,7 @@ def _artifact_location(uri: str) -> str | None:
     return None
 
 
-def _client(uri: str):
+def client_for(uri: str):
     from mlflow import MlflowClient
 
     return MlflowClient(tracking_uri=uri)
@@ -95,13 +97,14 @@ def start_run(uri: str, *, experiment: str, run_name: str, params: dict, tags: d
     """Create the run (or re-open `resume_run_id`, status back to RUNNING); returns the run id."""
     from mlflow.entities import Param, RunTag
 
-    client = _client(uri)
+    client = client_for(uri)
     if resume_run_id:
         try:
             run = client.get_run(resume_run_id)
         except Exception as e:  # mlflow.exceptions.MlflowException and transport errors
             raise SuperweightsError(f"cannot re-open MLflow run {resume_run_id} in {uri}: {_one_line(e)}") from None
         client.update_run(resume_run_id, status="RUNNING")
+        client.log_batch(resume_run_id, tags=[RunTag(k, v) for k, v in driver_tags().items()])  # the new driver
         return run.info.run_id
     try:
         exp = client.get_experiment_by_name(experiment)
@@ -113,14 +116,15 @@ def start_run(uri: str, *, experiment: str, run_name: str, params: dict, tags: d
     items = [Param(str(k), str(v)) for k, v in params.items()]
     for i in range(0, len(items), 90):  # log_batch takes at most 100 params
         client.log_batch(run_id, params=items[i:i + 90])
-    client.log_batch(run_id, tags=[RunTag("superweights.run_name", run_name)])
+    client.log_batch(run_id, tags=[RunTag("superweights.run_name", run_name)]
+                     + [RunTag(k, v) for k, v in driver_tags().items()])  # see ray_jobs/orphans.py
     return run_id
 
 
 def end_run(uri: str, run_id: str, status: str) -> None:
     """FINISHED / FAILED / KILLED; never raises (it runs while another error is being reported)."""
     try:
-        _client(uri).set_terminated(run_id, status=status)
+        client_for(uri).set_terminated(run_id, status=status)
     except Exception:  # pragma: no cover - the store is gone; nothing better to do
         pass
 
@@ -131,7 +135,7 @@ FAILURE_TAG = "superweights.failure"
 def set_failure_tag(uri: str, run_id: str, reason: str) -> None:
     """Why a run FAILED, as a tag; never raises (it runs while the error is being reported)."""
     try:
-        _client(uri).set_tag(run_id, FAILURE_TAG, reason[:5000])
+        client_for(uri).set_tag(run_id, FAILURE_TAG, reason[:5000])
     except Exception:  # pragma: no cover - the store is gone; nothing better to do
         pass
 
@@ -156,7 +160,7 @@ class RunLogger:
 
     def __init__(self, uri: str, run_id: str):
         self.uri, self.run_id = uri, run_id
-        self.client = _client(uri)
+        self.client = client_for(uri)
         self.logged_epochs = {m.step for m in self.client.get_metric_history(run_id, "train_loss")}
         self.final_steps = {m.step for m in self.client.get_metric_history(run_id, "test_accuracy")}
 

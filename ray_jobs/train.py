@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import signal
 import sys
 
 from .driver import RayOptions
 from .durable import require_durable
-from .exit_codes import run_guarded
+from .exit_codes import interrupt_on_sigterm, run_guarded
 
 _D = RayOptions()
 
@@ -122,16 +121,12 @@ def _stamp() -> str:
     return time.strftime("%Y%m%d-%H%M%S")
 
 
-def _sigterm(signum, frame):  # `ray job stop` sends SIGTERM: unwind so the MLflow run ends KILLED, not RUNNING
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ray_jobs.train",
                                      description="Train a SuperWeight ensemble with Ray Train (job entrypoint).")
     add_train_arguments(parser)
     args = parser.parse_args(argv)
-    signal.signal(signal.SIGTERM, _sigterm)
+    interrupt_on_sigterm()  # `ray job stop` sends SIGTERM: the MLflow run ends KILLED, not RUNNING
     return run_guarded(lambda: run_from_args(args, log=lambda s: print(s, flush=True)))
 
 

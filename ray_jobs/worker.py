@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
+from anytime.record import ANYTIME_FILE, finish_checkpoint
 from ensemble.collective import Collective
 from ensemble.config import from_dict
 from ensemble.data import load_data
-from ensemble.exits import ANYTIME_FILE
 from ensemble.loop import Diverged, Session, run
 from ensemble.train_state import STATE_FILE, latest_complete
 from ensemble.training import resolve_device
@@ -52,7 +52,7 @@ def latest_local_checkpoint(run_dir: Path) -> Path | None:
 
 class RaySession(Session):
     def __init__(self, spec: dict, rank: int, world: int, layout: Layout):
-        super().__init__()
+        super().__init__(finish=finish_checkpoint)  # the final checkpoint gets the anytime record
         import ray.train
 
         self.train = ray.train
@@ -66,10 +66,13 @@ class RaySession(Session):
         self._tracker = None
 
     def restore_dir(self):
+        # The newest complete checkpoint wins: Ray's own record (`get_checkpoint`) can be behind the folders on
+        # the run's storage, or empty on a rerun after Ctrl-C, when the driver stopped before Ray registered
+        # the last report. In-process runs persist their checkpoints themselves and only have the folders.
         ckpt = self.train.get_checkpoint()
-        if ckpt is None and self.local:
-            found = latest_local_checkpoint(self.run_dir)
-            ckpt = self.train.Checkpoint.from_directory(str(found)) if found else None
+        found = latest_local_checkpoint(self.run_dir)
+        if found is not None and (ckpt is None or found.name > Path(ckpt.path).name):
+            ckpt = self.train.Checkpoint.from_directory(str(found))
         self._checkpoint = ckpt
         return ckpt.as_directory() if ckpt is not None else nullcontext(None)
 

@@ -1,5 +1,6 @@
 import pytest
 
+from anytime.record import finish_checkpoint
 from ensemble.config import load_config
 from ensemble.loop import fit
 
@@ -13,7 +14,8 @@ def cfg(*overrides):
 
 @pytest.fixture(scope="session")
 def exits_ckpt(tmp_path_factory):
-    """A trained SuperWeight ensemble with an exit after every stage (3 exits per member)."""
+    """A trained SuperWeight ensemble with an exit after every stage (3 exits per member), its final checkpoint
+    with the anytime record as the training pipeline writes it."""
     out = tmp_path_factory.mktemp("anytime-ckpt")
-    result = fit(cfg("ensemble.exits=all"), out, progress=False, log=lambda s: None)
+    result = fit(cfg("ensemble.exits=all"), out, progress=False, log=lambda s: None, finish=finish_checkpoint)
     return result, out

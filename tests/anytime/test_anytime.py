@@ -7,12 +7,14 @@ import torch
 
 from anytime.evaluate import normalized_auc, point_metrics, run_evaluation
 from anytime.predictor import AnytimePredictor
+from anytime.record import anytime_record
+from anytime.schedule import explicit_schedule, greedy_schedule
 from anytime.store import load_anytime
 from core.errors import SuperweightsError
 from core.flops import count_flops
 from ensemble.checkpoint import save_checkpoint
 from ensemble.data import DatasetInfo
-from ensemble.exits import ExitMember, explicit_schedule, greedy_schedule
+from ensemble.exits import ExitMember
 from ensemble.model import build_ensemble
 from ensemble.planning import example_input, make_plan, meta_members
 from ensemble.training import exit_loss
@@ -252,8 +254,6 @@ def test_heterogeneous_members_with_different_exit_counts():
     x = torch.rand(3, 1, 8, 8)
     with pytest.raises(SuperweightsError, match="forward_exits_list"):
         model.forward_exits(x)
-    from ensemble.exits import anytime_record
-
     pred = AnytimePredictor(model, anytime_record(model, config, DIGITS))
     with torch.no_grad():
         torch.testing.assert_close(pred.predict(x).probs, model(x).softmax(-1).mean(1), atol=1e-5, rtol=0)

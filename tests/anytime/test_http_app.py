@@ -15,16 +15,13 @@ import httpx
 import pytest
 import torch
 
-from anytime.batching import Item, MicroBatcher, QueueFull
-from anytime.http_app import (
-    AnytimeService,
-    ApiError,
-    ServeSettings,
-    ServingPredictor,
-    create_app,
-    serve_in_thread,
-)
+from anytime.batching import Item
+from anytime.budget import UNLIMITED
+from anytime.http_app import create_app
 from anytime.predictor import AnytimePredictor
+from anytime.serve_schemas import ApiError
+from anytime.serve_service import AnytimeService, ServeSettings
+from anytime.serve_thread import serve_in_thread
 from anytime.store import check_weights_file, load_anytime
 from core.errors import SuperweightsError
 
@@ -350,8 +347,8 @@ def test_only_the_request_whose_rows_are_non_finite_fails_in_a_shared_batch(serv
     monkeypatch.setattr(service, "nonfinite_outputs", 0)
     good, bad = images(2, seed=1), images(3, seed=2)
     bad[1, 0, 0, 0] = 0.5
-    out = service._run_batch((None, None), [Item(None, good, time.perf_counter(), True, None),
-                                             Item(None, bad, time.perf_counter(), True, None)])
+    out = service._run_batch(UNLIMITED, [Item(UNLIMITED, good, time.perf_counter(), True, None),
+                                         Item(UNLIMITED, bad, time.perf_counter(), True, None)])
     assert isinstance(out[0][0], dict) and len(out[0][0]["predictions"]) == 2
     assert all(math.isfinite(v) for row in out[0][0]["probabilities"] for v in row)
     assert isinstance(out[1][0], ApiError) and out[1][0].status == 503 and service.nonfinite_outputs == 1
@@ -381,116 +378,3 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(folder, re
         assert out["batch_images"] <= 12
     assert any(out["batch_images"] > len(x) for (x, _), out in zip(requests, outs))
     assert service.batcher.batches < len(requests)
-
-
-def test_batcher_groups_by_key_caps_images_and_survives_errors():
-    calls = []
-
-    def run(key, items):
-        calls.append((key, [len(it.x) for it in items]))
-        if key == "bad":
-            raise ValueError("bad batch")
-        return [(key, len(it.x)) for it in items]
-
-    async def main():
-        b = MicroBatcher(run, window_ms=30, max_images=5, max_pending=100)
-        jobs = [b.submit(k, torch.zeros(n, 1), 0.0) for k, n in
-                [("a", 2), ("b", 1), ("a", 2), ("a", 2), ("bad", 1), ("b", 3), ("c", 9)]]
-        out = await asyncio.gather(*jobs, return_exceptions=True)
-        late = await b.submit("a", torch.zeros(1, 1), 0.0, wait=False)
-        await b.aclose()
-        b.close()
-        return out, late
-
-    out, late = asyncio.run(main())
-    assert out[:4] == [("a", 2), ("b", 1), ("a", 2), ("a", 2)] and out[5:] == [("b", 3), ("c", 9)]
-    assert isinstance(out[4], ValueError) and late == ("a", 1)
-    assert calls[0] == ("a", [2, 2])  # capped at 5 images: the third "a" goes in a later batch
-    assert ("b", [1, 3]) in calls and ("c", [9]) in calls  # a single large request runs alone
-    assert all(sum(n) <= 5 for k, n in calls if k != "c")
-
-
-def test_batcher_waits_for_company_only_while_some_is_arriving():
-    arriving = [0]
-
-    async def main():
-        b = MicroBatcher(lambda k, items: [len(items)] * len(items), window_ms=2000, arriving=lambda: arriving[0])
-        t = time.perf_counter()
-        alone = await b.submit("a", torch.zeros(1, 1), 0.0)
-        waited_alone = time.perf_counter() - t
-        arriving[0] = 1  # a second request is being parsed: the first one waits for it
-        first = asyncio.ensure_future(b.submit("a", torch.zeros(1, 1), 0.0))
-        await asyncio.sleep(0.05)
-        arriving[0] = 0  # ... and submits (the service decrements before submitting)
-        t = time.perf_counter()
-        second = await b.submit("a", torch.zeros(1, 1), 0.0)
-        together = await first
-        assert time.perf_counter() - t < 1.0  # no waiting for the rest of the window
-        await b.aclose()
-        b.close()
-        return alone, waited_alone, together, second
-
-    alone, waited_alone, together, second = asyncio.run(main())
-    assert alone == 1 and waited_alone < 1.0
-    assert together == second == 2
-
-
-def test_batcher_refuses_beyond_max_pending():
-    async def main():
-        b = MicroBatcher(lambda k, items: [None] * len(items), window_ms=1000, max_pending=2)
-        first = [asyncio.ensure_future(b.submit("a", torch.zeros(1, 1), 0.0)) for _ in range(2)]
-        await asyncio.sleep(0.01)
-        with pytest.raises(QueueFull):
-            await b.submit("a", torch.zeros(1, 1), 0.0)
-        await b.aclose()
-        for f in first:
-            f.cancel()
-        b.close()
-
-    asyncio.run(main())
-
-
-# -- pieces -----------------------------------------------------------------------------------------------
-
-
-def test_serving_predictor_times_batches_by_bucket(exits_ckpt):
-    ckpt = load_anytime(exits_ckpt[1])
-    p = ServingPredictor(ckpt.model, ckpt.record, safety=1.5)
-    assert [p.bucket(n) for n in (1, 2, 3, 4, 5, 64, 65)] == [1, 2, 4, 4, 8, 64, 128]
-    times = p.calibrate(torch.rand(3, *SHAPE))
-    base = p._times[((4, *SHAPE), torch.float32, "cpu")]
-    assert times == [t * 1.5 for t in base] and len(times) == len(p.steps)
-    x = images(3)
-    ref = AnytimePredictor(ckpt.model, ckpt.record).predict(x, budget_flops=p.cumulative_flops[1])
-    got = p.predict(x, budget_flops=p.cumulative_flops[1])
-    assert got.steps == ref.steps and torch.equal(got.probs, ref.probs)
-
-
-def test_serving_predictor_estimates_grow_when_runs_are_slower_than_measured(exits_ckpt):
-    ckpt = load_anytime(exits_ckpt[1])
-    p = ServingPredictor(ckpt.model, ckpt.record, safety=1.0, window=8)
-    x = images(2)
-    base = p.calibrate(x)
-    assert p.slowdown == 1.0
-    for _ in range(8):  # the machine got 3x slower than at start-up
-        p.observe(x, len(p.steps), 3 * sum(base))
-    assert p.slowdown == pytest.approx(3.0)
-    assert p.calibrate(x) == pytest.approx([3 * t for t in base])
-    for _ in range(8):  # faster than measured never makes estimates smaller than measured
-        p.observe(x, len(p.steps), 0.1 * sum(base))
-    assert p.slowdown == 1.0
-    p.observe(torch.rand(1000, *SHAPE), 2, 1e6)  # an unmeasured bucket is ignored
-    assert p.slowdown == 1.0
-
-
-@pytest.mark.parametrize("kwargs, text", [
-    ({"max_images": 0}, "max_images must be >= 1"),
-    ({"batch_window_ms": -1.0}, "batch_window_ms must be a finite number >= 0"),
-    ({"deadline_safety": 0.5}, "deadline_safety must be >= 1"),
-    ({"input_range": (1.0, 0.0)}, "input_range"),
-    ({"device": "tpu"}, "--device must be cpu or cuda, got 'tpu'"),
-    ({"device": "cuda:x"}, "--device must be cpu or cuda, got 'cuda:x'"),
-])
-def test_settings_are_checked(kwargs, text):
-    with pytest.raises(SuperweightsError, match=text.replace("(", r"\(")):
-        ServeSettings(**kwargs)

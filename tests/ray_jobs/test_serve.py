@@ -14,8 +14,12 @@ import httpx
 import pytest
 import torch
 
-from anytime.http_app import AnytimeService, ApiError, ServeSettings, create_app, serve_in_thread
+from anytime.http_app import create_app
 from anytime.predictor import AnytimePredictor
+from anytime.record import finish_checkpoint
+from anytime.serve_schemas import ApiError
+from anytime.serve_service import AnytimeService, ServeSettings
+from anytime.serve_thread import serve_in_thread
 from anytime.store import load_anytime
 from core.errors import SuperweightsError
 from ensemble.config import load_config
@@ -34,7 +38,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py, a
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     out = tmp_path_factory.mktemp("serve-ckpt")
-    fit(load_config(None, CONFIG), out_dir=out, progress=False, log=lambda s: None)
+    fit(load_config(None, CONFIG), out_dir=out, progress=False, log=lambda s: None, finish=finish_checkpoint)
     return out
 
 
