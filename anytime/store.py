@@ -43,6 +43,7 @@ class AnytimeCheckpoint:
 def load_anytime(folder, device: str | torch.device = "cpu", write: bool = True) -> AnytimeCheckpoint:
     """Checkpoint + its anytime record (computed and cached when anytime.json is missing)."""
     config, info, model, metrics = load_checkpoint(folder, device)
+    check_finite(model.state_dict(), str(Path(folder) / FILES[0]))  # evaluate, like serve, refuses NaN weights
     path = Path(folder) / ANYTIME_FILE
     if path.is_file():
         try:
@@ -76,7 +77,7 @@ def check_finite(state: Mapping[str, Tensor], where: str) -> None:
     if bad:
         total = sum(1 for t in state.values() if t.is_floating_point())
         raise SuperweightsError(f"{where} holds non-finite values (NaN or infinity) in {len(bad)} of {total} "
-                                f"tensors (first: {bad[0]}); such a model cannot be served: the run that wrote it "
+                                f"tensors (first: {bad[0]}); such a model cannot be served or evaluated: the run that wrote it "
                                 "probably diverged, retrain it (e.g. with a lower train.lr)")
 
 

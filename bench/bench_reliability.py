@@ -114,7 +114,8 @@ class Bench:
         deadline = time.monotonic() + 240
         while not want.is_file() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.1)
-        os.kill(proc.pid, sig)
+        if proc.poll() is None:  # (a run that ended early shows as such in its case's row)
+            os.kill(proc.pid, sig)
         try:
             proc.wait(timeout=90)
         except subprocess.TimeoutExpired:
@@ -269,9 +270,12 @@ class Bench:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
+    p.add_argument("--keep", action="store_true", help="keep the work folder (logs, runs, MLflow store)")
     args = p.parse_args(argv)
     began = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="sw-reliability-") as tmp:
+    tmp = tempfile.mkdtemp(prefix="sw-reliability-")
+    print(f"work folder: {tmp}", flush=True)
+    try:
         b = Bench(Path(tmp))
         cases = [
             b.refused("negative learning rate (`train.lr=-0.1`)", b.train_args("neg-lr", 1, "--set", "train.lr=-0.1"),
@@ -285,6 +289,9 @@ def main(argv=None) -> int:
         ]
         model = b.model()
         cases += [b.edited_plan(model), b.nan_weights(model), *b.server(model)]
+    finally:
+        if not args.keep:
+            shutil.rmtree(tmp, ignore_errors=True)
     seconds = time.perf_counter() - began
     lines = ["## Reliability: faults and bad inputs through the product's commands (bench/bench_reliability.py)", "",
              f"`python bench/bench_reliability.py` ({len(cases)} cases, {seconds:.0f} s on this machine). Each case "

@@ -111,7 +111,7 @@ def check_plan(config: Config, info: DatasetInfo, plan: Plan | SSNPlan | None, b
         for key in ("in_channels", "image_size", "num_classes"):
             if getattr(info, key) != getattr(expected, key):
                 raise mismatch(f"dataset {key} {getattr(info, key)} but {config.data.name} has {getattr(expected, key)}")
-    elif info.image_size != (config.data.image_size,) * 2:
+    elif config.data.image_size and info.image_size != (config.data.image_size,) * 2:  # 0 = native: unknown
         raise mismatch(f"image size {list(info.image_size)} but data.image_size = {config.data.image_size}")
     if plan is None:
         return

@@ -19,14 +19,23 @@ from core.errors import SuperweightsError
 
 @dataclass(frozen=True)
 class DataConfig:
-    name: str = "digits"  # digits | cifar10 | cifar100 | imagefolder
-    root: str = "data"  # where cifar*/imagefolder files live
+    name: str = "digits"  # digits | cifar10 | cifar100 | fashion-mnist | imagefolder
+    # where the files live: cifar*/fashion-mnist folders; imagefolder: a folder or a .tar(.gz) archive of one.
+    # A relative path is taken from the current directory (the repo root under `make`).
+    root: str = "data"
     download: bool = False  # cifar only: fetch the files when a network exists
     val_fraction: float = 0.15  # of the training pool, stratified, fixed by train.seed
-    test_fraction: float = 0.25  # digits only (cifar/imagefolder have their own test split)
-    train_per_class: int = 0  # keep only N training images per class (0 = all)
-    image_size: int = 64  # imagefolder: images are resized to this square size
-    augment: bool = True  # crop + flip on cifar/imagefolder training batches (never on digits)
+    test_fraction: float = 0.25  # digits only (the other datasets have their own test split)
+    train_per_class: int = 0  # keep only N training images per class (0 = all); every dataset
+    # every dataset: square side the images are resized to on tensors (area interpolation when shrinking);
+    # 0 = native size (an image folder whose images differ in size needs a value)
+    image_size: int = 0
+    augment: bool = True  # random crop (padding 1/8 of the side) + flip on training batches (never on digits)
+    train_split: str = "train"  # imagefolder: folder of the training images, <root>/<train_split>/<class>/*
+    test_split: str = "val"  # imagefolder: folder of the test images (CIFAR-10's JPEG tree: "test")
+    # imagefolder: decoded images are cached here (safetensors + JSON); "" = $XDG_CACHE_HOME/superweights,
+    # else ~/.cache/superweights. Never next to the data, which may be read-only.
+    cache_dir: str = ""
 
 
 @dataclass(frozen=True)
@@ -186,7 +195,7 @@ class Config:
             ("data.val_fraction", d.val_fraction, OPEN_UNIT),
             ("data.test_fraction", d.test_fraction, OPEN_UNIT),  # digits only, checked for every dataset
             ("data.train_per_class", d.train_per_class, AT_LEAST_0),  # 0 = all images
-            ("data.image_size", d.image_size, AT_LEAST_1),  # imagefolder resize, pixels
+            ("data.image_size", d.image_size, AT_LEAST_0),  # resize side in pixels, 0 = native
             ("bank.depth_bins", b.depth_bins, AT_LEAST_1),
             # SuperWeights: every slot mixes >= 2 templates (no hard ties, DESIGN step 4); SSN wavg may use 1
             ("bank.max_templates", b.max_templates, AT_LEAST_2 if b.method == "superweights" else AT_LEAST_1),

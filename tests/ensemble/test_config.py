@@ -70,7 +70,7 @@ def test_bare_words_are_strings():
         ("data.val_fraction=0", "data.val_fraction must be in (0, 1), got 0.0"),
         ("data.val_fraction=1", "data.val_fraction must be in (0, 1), got 1.0"),
         ("data.test_fraction=1.5", "data.test_fraction must be in (0, 1), got 1.5"),
-        ("data.image_size=0", "data.image_size must be >= 1, got 0"),
+        ("data.image_size=-1", "data.image_size must be >= 0, got -1"),
         ("data.train_per_class=-3", "data.train_per_class must be >= 0, got -3"),
         ("bank.budget=0", "bank.budget must be >= 1, got 0"),
         ("bank.budget=-0.5", "bank.budget must be > 0, got -0.5"),

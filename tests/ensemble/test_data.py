@@ -19,6 +19,12 @@ TRAIN_PER_CLASS = 6  # fake CIFAR training images per class
 TEST_PER_CLASS = 2
 
 
+@pytest.fixture(autouse=True)
+def _cache_in_tmp(tmp_path_factory, monkeypatch):
+    """Decoded-image caches go to a temporary folder, never to the user's ~/.cache."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
+
+
 def _fake_cifar_arrays(n: int, num_classes: int, offset: int, rng: np.random.Generator):
     """Images whose first two pixels encode a unique id (offset + i), so splits can be checked for overlap."""
     data = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)

@@ -156,6 +156,13 @@ def test_cli_refuses_a_checkpoint_with_nan_weights(ckpt, tmp_path):
     assert "cannot be served" in line and "train.lr" in line and len(p.stderr.strip().splitlines()) == 1
     assert "serving" not in p.stdout
 
+    # `evaluate` refuses it the same way, instead of writing curves of NaN
+    ev = subprocess.run([sys.executable, "-m", "ray_jobs.cli", "evaluate", str(bad), "--out",
+                         str(tmp_path / "ev")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    line = one_line_error(ev, f"{bad / 'weights.safetensors'} holds non-finite values (NaN or infinity)")
+    assert "cannot be served or evaluated" in line and len(ev.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "ev").exists()
+
 
 # -- MLflow URIs ------------------------------------------------------------------------------------------
 
