@@ -34,6 +34,7 @@ from core.errors import SuperweightsError
 from ensemble.config import Config
 from ensemble.training import validate_device
 
+from .exit_codes import reinstall_sigterm
 from .orphans import fail_orphaned_runs
 from .parallel import Layout, available_cpus, resolve_layout
 from .tracking import (
@@ -156,6 +157,7 @@ def _init_ray(address: str, log: Callable[[str], None]) -> bool:
         if env_vars:
             kwargs["runtime_env"] = {"env_vars": env_vars}
         ray.init(address=address, **kwargs)
+        reinstall_sigterm()
         return True
     log("starting a local Ray instance ...")
     # A one-machine Ray has no node that can be drained, so Ray Train's preemption watcher has nothing to
@@ -180,6 +182,7 @@ def _init_ray(address: str, log: Callable[[str], None]) -> bool:
             os.environ.pop(GCS_PORT_ENV, None)
         else:
             os.environ[GCS_PORT_ENV] = previous
+    reinstall_sigterm()
     return True
 
 

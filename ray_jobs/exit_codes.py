@@ -21,6 +21,9 @@ def run_guarded(call: Callable[[], int]) -> int:
         return 130
 
 
+_sigterm_ours = False  # interrupt_on_sigterm() was called in this process
+
+
 def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt
 
@@ -28,5 +31,14 @@ def _raise_interrupt(signum, frame):
 def interrupt_on_sigterm() -> None:
     """`kill` and `ray job stop` send SIGTERM: unwind as ^C does, so runs end KILLED with a line saying how to
     resume, never RUNNING. (Signal handlers can only be set from the main thread.)"""
+    global _sigterm_ours
     if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_interrupt)
+        _sigterm_ours = True
+
+
+def reinstall_sigterm() -> None:
+    """`ray.init` replaces our SIGTERM handler with its own (which ends the process with a C++ stack dump and
+    exit -6, the run left FAILED): after it, set ours again where we had one."""
+    if _sigterm_ours and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _raise_interrupt)

@@ -134,3 +134,24 @@ def test_a_driver_killed_with_sigkill_is_marked_failed_by_the_next_command(ray_c
     assert f"marked MLflow run {run.info.run_id} ({name}) FAILED: its driver process {proc.pid} is gone" in nxt.stdout
     assert _run(client, "next-command").info.status == "FINISHED"  # a live driver's run is left alone
     assert (run_dir / "checkpoint_epoch_0002" / "train_state.json").is_file()  # kept for the resume
+
+
+def test_sigterm_like_ray_job_stop_ends_killed_in_one_line(ray_cluster, mlflow_uri, tmp_path):
+    """`kill` / `ray job stop` send SIGTERM; `ray.init` replaces a Python SIGTERM handler with its own (a C++
+    stack dump and exit -6), so ours is set again after it."""
+    name = "terminated"
+    run_dir = tmp_path / "ray" / name
+    proc = _start(_train(name, tmp_path, ray_cluster, mlflow_uri, 30), tmp_path, "term.log")
+    try:
+        _wait_for_checkpoint(run_dir, 2, proc)
+        os.kill(proc.pid, signal.SIGTERM)
+        code = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    log = (tmp_path / "term.log").read_text()
+    ours = [line for line in log.splitlines() if line.startswith("superweights:")]
+    assert code == 130 and len(ours) == 1, log
+    assert ours[0].startswith(f"superweights: interrupted: run {name} stopped (MLflow run KILLED)")
+    assert "SIGTERM received" not in log
+    assert _run(MlflowClient(mlflow_uri), name).info.status == "KILLED"
