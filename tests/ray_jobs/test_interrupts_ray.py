@@ -22,6 +22,8 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
+from ensemble.train_state import latest_complete
+
 from .conftest import REPO, TWO_MEMBERS
 
 pytestmark = pytest.mark.slow
@@ -37,18 +39,25 @@ def _train(name: str, tmp_path: Path, ray_cluster: dict, mlflow_uri: str, epochs
             "--address", ray_cluster["gcs"], *extra]
 
 
-def _start(cmd: list[str], tmp_path: Path, log: str) -> subprocess.Popen:
-    return subprocess.Popen(cmd, cwd=REPO, stdout=open(tmp_path / log, "w"), stderr=subprocess.STDOUT, text=True,
+def _signal_at_checkpoint(cmd: list[str], run_dir: Path, epoch: int, sig: int, log: Path,
+                          timeout: float = 240) -> tuple[int, int, str]:
+    """Start `cmd` in its own session, send `sig` to it once epoch `epoch`'s checkpoint is complete; returns
+    (pid, exit code, output). Whatever is left of its process group is killed at the end."""
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=open(log, "w"), stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
-
-
-def _wait_for_checkpoint(run_dir: Path, epoch: int, proc: subprocess.Popen, timeout: float = 240) -> None:
     want = run_dir / f"checkpoint_epoch_{epoch:04d}" / "train_state.json"
     deadline = time.monotonic() + timeout
-    while not want.is_file():
-        assert proc.poll() is None, f"training ended (rc {proc.returncode}) before epoch {epoch}'s checkpoint"
-        assert time.monotonic() < deadline, f"no checkpoint for epoch {epoch} after {timeout:.0f}s"
-        time.sleep(0.1)
+    try:
+        while not want.is_file():
+            assert proc.poll() is None, f"training ended (rc {proc.returncode}) before epoch {epoch}'s checkpoint"
+            assert time.monotonic() < deadline, f"no checkpoint for epoch {epoch} after {timeout:.0f}s"
+            time.sleep(0.1)
+        os.kill(proc.pid, sig)
+        code = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    return proc.pid, code, log.read_text()
 
 
 def _run(client: MlflowClient, name: str):
@@ -58,23 +67,15 @@ def _run(client: MlflowClient, name: str):
 
 
 def _newest_complete_epoch(run_dir: Path) -> int:
-    done = sorted(p for p in run_dir.glob("checkpoint_epoch_*") if (p / "train_state.json").is_file())
-    return json.loads((done[-1] / "train_state.json").read_text())["epoch"]
+    return json.loads((latest_complete(run_dir) / "train_state.json").read_text())["epoch"]
 
 
 def test_ctrl_c_ends_killed_in_one_line_and_the_rerun_resumes_from_the_newest_checkpoint(
         ray_cluster, mlflow_uri, tmp_path):
     name, epochs = "interrupted", 12
     run_dir = tmp_path / "ray" / name
-    proc = _start(_train(name, tmp_path, ray_cluster, mlflow_uri, epochs), tmp_path, "first.log")
-    try:
-        _wait_for_checkpoint(run_dir, 3, proc)
-        os.kill(proc.pid, signal.SIGINT)
-        code = proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    log = (tmp_path / "first.log").read_text()
+    _, code, log = _signal_at_checkpoint(_train(name, tmp_path, ray_cluster, mlflow_uri, epochs), run_dir, 3,
+                                         signal.SIGINT, tmp_path / "first.log")
     ours = [line for line in log.splitlines() if line.startswith("superweights:")]
     assert code == 130, log
     newest = _newest_complete_epoch(run_dir)
@@ -108,18 +109,12 @@ def test_ctrl_c_ends_killed_in_one_line_and_the_rerun_resumes_from_the_newest_ch
 def test_a_driver_killed_with_sigkill_is_marked_failed_by_the_next_command(ray_cluster, mlflow_uri, tmp_path):
     name = "killed-driver"
     run_dir = tmp_path / "ray" / name
-    proc = _start(_train(name, tmp_path, ray_cluster, mlflow_uri, 30), tmp_path, "killed.log")
-    try:
-        _wait_for_checkpoint(run_dir, 2, proc)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    pid, _, _ = _signal_at_checkpoint(_train(name, tmp_path, ray_cluster, mlflow_uri, 30), run_dir, 2,
+                                      signal.SIGKILL, tmp_path / "killed.log")
     client = MlflowClient(mlflow_uri)
     run = _run(client, name)
     assert run.info.status == "RUNNING"  # nobody could close it
-    assert run.data.tags["superweights.driver_pid"] == str(proc.pid)
+    assert run.data.tags["superweights.driver_pid"] == str(pid)
 
     # The next command: any training against the same store (here a 1-epoch in-process run of another name).
     nxt = subprocess.run([SUPERWEIGHTS, "train", *TINY, "--set", "train.epochs=1", "--workers", "0", "--name",
@@ -129,9 +124,9 @@ def test_a_driver_killed_with_sigkill_is_marked_failed_by_the_next_command(ray_c
     run = _run(client, name)
     assert run.info.status == "FAILED"
     assert run.data.tags["superweights.failure"] == (
-        f"driver process {proc.pid} on {run.data.tags['superweights.driver_host']} ended without closing this run "
+        f"driver process {pid} on {run.data.tags['superweights.driver_host']} ended without closing this run "
         f"(killed?); rerun with --name {name} to resume from its newest checkpoint")
-    assert f"marked MLflow run {run.info.run_id} ({name}) FAILED: its driver process {proc.pid} is gone" in nxt.stdout
+    assert f"marked MLflow run {run.info.run_id} ({name}) FAILED: its driver process {pid} is gone" in nxt.stdout
     assert _run(client, "next-command").info.status == "FINISHED"  # a live driver's run is left alone
     assert (run_dir / "checkpoint_epoch_0002" / "train_state.json").is_file()  # kept for the resume
 
@@ -141,15 +136,8 @@ def test_sigterm_like_ray_job_stop_ends_killed_in_one_line(ray_cluster, mlflow_u
     stack dump and exit -6), so ours is set again after it."""
     name = "terminated"
     run_dir = tmp_path / "ray" / name
-    proc = _start(_train(name, tmp_path, ray_cluster, mlflow_uri, 30), tmp_path, "term.log")
-    try:
-        _wait_for_checkpoint(run_dir, 2, proc)
-        os.kill(proc.pid, signal.SIGTERM)
-        code = proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    log = (tmp_path / "term.log").read_text()
+    _, code, log = _signal_at_checkpoint(_train(name, tmp_path, ray_cluster, mlflow_uri, 30), run_dir, 2,
+                                         signal.SIGTERM, tmp_path / "term.log")
     ours = [line for line in log.splitlines() if line.startswith("superweights:")]
     assert code == 130 and len(ours) == 1, log
     assert ours[0].startswith(f"superweights: interrupted: run {name} stopped (MLflow run KILLED)")
