@@ -24,6 +24,7 @@ cancelled (KILLED), the parent ends FAILED and the error is one line naming the 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import io
 import json
@@ -37,6 +38,7 @@ from pathlib import Path
 
 from core.errors import SuperweightsError
 from ensemble.config import Config, load_config
+from ensemble.data import absolute_paths
 from ensemble.loop import total_epochs
 from ensemble.training import validate_device
 
@@ -303,7 +305,10 @@ def _run_children(pending: list[tuple[int, Child, dict]], total: int, uri: str, 
             while queue and len(in_flight) < concurrent:
                 i, child, summary = queue.pop(0)
                 run_id = start_child_run(child, summary, uri, experiment, parent)
-                payload = {"config": child.config.to_dict(), "device": res.child_device,
+                # A relative data.root means the user's current directory, not the task's (the settings hash
+                # keeps the config as given).
+                config = dataclasses.replace(child.config, data=absolute_paths(child.config.data))
+                payload = {"config": config.to_dict(), "device": res.child_device,
                            "name": _child_name(child).replace(" ", "_").replace("/", "_")}
                 ref = remote.options(name=f"compare {_child_name(child)}").remote(task, payload, res.cpus)
                 in_flight[ref] = (i, child, run_id, summary)

@@ -220,3 +220,25 @@ def test_method_steps_run_in_compare_children(ray_connected, mlflow_uri, tmp_pat
     assert sw_run.data.metrics["unshared_pairs"] > 0
     assert len({s["coef"] for s in sw["slots"]}) == sw_run.data.metrics["coefficient_sets"]
     assert runs["full b=None s=0"].info.status == "FINISHED"
+
+
+@pytest.mark.slow
+def test_a_relative_data_root_means_the_users_folder_in_compare_children(ray_connected, mlflow_uri, tmp_path,
+                                                                          monkeypatch):
+    """Compare children run as Ray tasks in a folder of Ray's: `data.root = "imgs"` must still be ./imgs."""
+    from PIL import Image
+
+    for split, n in (("train", 12), ("val", 3)):
+        for c, colour in (("red", (200, 0, 0)), ("blue", (0, 0, 200))):
+            (tmp_path / "imgs" / split / c).mkdir(parents=True)
+            for i in range(n):
+                Image.new("RGB", (8, 8), tuple(min(255, v + 5 * i) for v in colour)).save(
+                    tmp_path / "imgs" / split / c / f"{i}.png")
+    monkeypatch.chdir(tmp_path)
+    overrides = [*TINY, 'data.name="imagefolder"', 'data.root="imgs"', 'data.cache_dir="cache"',
+                 "data.train_per_class=0", "train.batch_size=8"]
+    report = compare(CONFIG, overrides, [1.0], 1, ["full"], "relative-root", mlflow_uri, tmp_path / "report",
+                     log=lambda s: None)
+    assert [r["method"] for r in report["rows"]] == ["full"]
+    assert {r.info.run_name: r.info.status for r in runs_of(mlflow_uri, "relative-root").values()} == {
+        "full b=None s=0": "FINISHED", "compare": "FINISHED"}
