@@ -260,8 +260,9 @@ def train(config: Config, options: RayOptions = RayOptions(), *, name: str | Non
 
     began = time.perf_counter()
     options.validate()
-    if options.workers != 0:  # Ray Train workers run in a folder of their own: relative data paths from here
-        config = dataclasses.replace(config, data=absolute_paths(config.data))
+    # Relative data paths mean this folder: Ray Train workers run in a folder of their own, and a resume with
+    # another worker count must see the same config (`_check_same_config`).
+    config = dataclasses.replace(config, data=absolute_paths(config.data))
     device = validate_device(device)  # `--device tpu` must not quietly train on the CPU
     if device != "cpu" and options.workers != 0:
         options = dataclasses.replace(options, use_gpu=device.startswith("cuda"))

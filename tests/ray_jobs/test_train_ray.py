@@ -150,3 +150,20 @@ def test_ray_job_submit_cli_end_to_end(ray_cluster, mlflow_uri, tmp_path):
     assert {"checkpoint/weights.safetensors", "checkpoint/plan.json", "checkpoint/config.json",
             "checkpoint/metrics.json"} <= artifacts
     assert (tmp_path / "out" / "weights.safetensors").is_file()
+
+
+def test_a_run_started_in_process_resumes_on_two_workers_with_a_relative_data_root(ray_connected, mlflow_uri,
+                                                                                   tmp_path, monkeypatch):
+    """The default data.root ("data") is relative: the run's config must record it the same way whatever the
+    worker count, or a resume on workers of a run started with --workers 0 would be refused as another config."""
+    monkeypatch.chdir(tmp_path)
+    overrides = [TWO_MEMBERS, "data.train_per_class=10", "train.batch_size=50"]
+    storage = str(tmp_path / "ray")
+    first = train(load_config(None, [*overrides, "train.epochs=1"]), RayOptions(workers=0, storage_path=storage),
+                  name="mixed", tracking_uri=mlflow_uri, log=lambda s: None)
+    lines: list[str] = []
+    second = train(load_config(None, [*overrides, "train.epochs=2"]), RayOptions(workers=2, storage_path=storage),
+                   name="mixed", tracking_uri=mlflow_uri, log=lines.append)
+    assert second.resumed and second.workers == 2 and second.mlflow_run_id == first.mlflow_run_id
+    assert [row["epoch"] for row in second.history] == [1, 2]
+    assert metric_steps(mlflow_uri, second.mlflow_run_id, "train_loss") == [1, 2]
