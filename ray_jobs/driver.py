@@ -377,6 +377,9 @@ def train(config: Config, options: RayOptions = RayOptions(), *, name: str | Non
         status = "KILLED"
         if run_id:
             set_failure_tag(uri, run_id, "interrupted (Ctrl-C or SIGTERM)")
+        if started_ray:  # stop the workers first: a checkpoint they were still copying must not complete after
+            ray.shutdown()  # the line below has named an older one as the newest
+            started_ray = False
         raise KeyboardInterrupt(_interrupted_line(run_name, run_dir)) from None
     except SuperweightsError as e:  # the reason, next to the FAILED status (e.g. where training diverged)
         if run_id:
