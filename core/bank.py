@@ -2,9 +2,11 @@
 
 DESIGN.md steps 4-6. One flat `bank` vector holds theta_b of every block (exactly `plan.budget`
 entries); one flat `coefficients` vector holds alpha_b (coefficient sets x templates) of every block.
-Generation is one matmul per block, then grid cells are assembled into slot weights; slots sharing a
+Generation is one matmul per block (batched: one bmm per (templates, rows) class of all blocks' column
+chunks, `core.generation`), then grid cells are assembled into slot weights by one gather; slots sharing a
 coefficient set are assembled from the same cells, which is exactly the "no warping" property: a thin
-member's weight is the top-left block of a wide one's.
+member's weight is the top-left block of a wide one's. `core.reference` keeps the per-block, per-slot
+generation it replaced (same weights and gradients to rounding; tested).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
+from .generation import SWProgram, matmul_layout, run_superweights, sw_items, sw_program, sw_units
 from .plan import Plan, SlotSpec
 from .windows import cyclic_windows
 
@@ -52,6 +55,11 @@ class SuperWeightBank(nn.Module):
         # a member-parallel worker asks for the same set every step, so this is one dict lookup.
         self._slot_blocks = [sorted({bid for row in cells for bid in row}) for cells in self._cells]
         self._subsets: dict[tuple[int, ...], tuple[list[int], list[int]]] = {}
+        # Generation programs (index tensors, `core.generation`): the layout comes from the whole plan so a
+        # subset program computes exactly the full one's values; one program per requested slot set.
+        self._layout = matmul_layout(sw_items(plan))
+        self._units = sw_units(plan, self._layout.chunk)
+        self._programs: dict[tuple[int, ...] | None, SWProgram | None] = {}
 
     def _subset(self, slots: Iterable[int]) -> tuple[list[int], list[int]]:
         """(sorted distinct slot ids, sorted ids of the blocks they read) of a requested slot set."""
@@ -65,42 +73,29 @@ class SuperWeightBank(nn.Module):
         return hit
 
     # -- generation --------------------------------------------------------------------------
-    # Autograd cost matters as much as the forward: slicing a big tensor N times makes N zero-filled
-    # gradients of its full size in backward, so the flat vectors are cut once with `split` and block
-    # rows with `unbind`, whose backward concatenates instead.
-    @staticmethod
-    def _windows(theta: Tensor, b) -> Tensor:
-        """[K_b, size_b]: template k = cyclic window of theta_b starting at k * P_b / K_b."""
-        return cyclic_windows(theta, b.window_starts(), b.size)
+    def _program(self, slots: Iterable[int] | None) -> SWProgram | None:
+        key = None if slots is None else tuple(slots)
+        hit = self._programs.get(key, False)
+        if hit is False:
+            ids = list(range(len(self.plan.slots))) if key is None else self._subset(key)[0]
+            hit = self._programs[key] = sw_program(self.plan, self._layout, self._units, ids) if ids else None
+        return None if hit is None else hit.to(self.bank.device)
 
     def templates(self, block_id: int) -> Tensor:
+        """[K_b, size_b]: template k = cyclic window of theta_b starting at k * P_b / K_b."""
         b = self.plan.blocks[block_id]
-        return self._windows(self.bank[b.offset : b.offset + b.params], b)
+        return cyclic_windows(self.bank[b.offset : b.offset + b.params], b.window_starts(), b.size)
 
     def block_coefficients(self, block_id: int) -> Tensor:
         b = self.plan.blocks[block_id]
         n = len(b.coef_sets) * b.templates
         return self.coefficients[b.coef_offset : b.coef_offset + n].view(len(b.coef_sets), b.templates)
 
-    def block_outputs(self, blocks: Iterable[int] | None = None) -> list[tuple[Tensor, ...] | None]:
-        """Per block, one row per coefficient set: alpha_b [sets, K_b] @ templates [K_b, size_b], one matmul.
-
-        `blocks` (block ids): compute only those blocks (their windows and matmul, all their rows, so each
-        is bit for bit the full generation's); the others are None.
-        """
-        thetas = torch.split(self.bank, self._param_sizes)
-        alphas = torch.split(self.coefficients, self._coef_sizes)
-        plan_blocks = self.plan.blocks
-        if blocks is None:
-            return [
-                (alpha.view(len(b.coef_sets), b.templates) @ self._windows(theta, b)).unbind(0)
-                for b, theta, alpha in zip(plan_blocks, thetas, alphas)
-            ]
-        out: list[tuple[Tensor, ...] | None] = [None] * len(plan_blocks)
-        for bid in blocks:
-            b = plan_blocks[bid]
-            out[bid] = (alphas[bid].view(len(b.coef_sets), b.templates) @ self._windows(thetas[bid], b)).unbind(0)
-        return out
+    def _generate(self, slots: Iterable[int] | None, gains: Tensor | None) -> list[Tensor | None]:
+        program = self._program(slots)
+        if program is None:
+            return [None] * len(self.plan.slots)
+        return run_superweights(program, self.bank, self.coefficients, gains, len(self.plan.slots))
 
     def raw_weights(self, slots: Iterable[int] | None = None) -> list[Tensor | None]:
         """Slot weights before the fixed gain, in plan slot order.
@@ -109,27 +104,13 @@ class SuperWeightBank(nn.Module):
         wide one is therefore bit for bit the top-left crop of it (no warping). `slots` (plan slot ids):
         generate only those, computing only the blocks they read; the other entries are None.
         """
-        if slots is None:
-            ids, outputs = range(len(self.plan.slots)), self.block_outputs()
-        else:
-            ids, block_ids = self._subset(slots)
-            outputs = self.block_outputs(block_ids)
-        blocks = self.plan.blocks
-        slot_coef = self.plan.slot_coef
-        raw: list[Tensor | None] = [None] * len(slot_coef)
-        for i in ids:
-            coef = slot_coef[i]
-            bands = []
-            for row in self._cells[i]:
-                cells = [outputs[bid][self._row_of[bid][coef]].view(blocks[bid].shape) for bid in row]
-                bands.append(cells[0] if len(cells) == 1 else torch.cat(cells, dim=1))
-            raw[i] = bands[0] if len(bands) == 1 else torch.cat(bands, dim=0)
-        return raw
+        return self._generate(slots, None)
 
     def forward(self, slots: Iterable[int] | None = None) -> list[Tensor | None]:
         """Slot weights in plan slot order (one regeneration per training step): every slot, or only `slots`
-        (plan slot ids; None elsewhere), e.g. a member-parallel worker's own members'."""
-        return [None if w is None else w * self.gains[i] for i, w in enumerate(self.raw_weights(slots))]
+        (plan slot ids; None elsewhere), e.g. a member-parallel worker's own members'. Each slot weight is a
+        view of one flat buffer (the fixed gains already applied), the only copy of the generated weights."""
+        return self._generate(slots, self.gains)
 
     # -- initialisation ----------------------------------------------------------------------
     @torch.no_grad()

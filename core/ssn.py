@@ -60,13 +60,12 @@ from torch import Tensor, nn
 from .allocation import largest_remainder
 from .bank import he_gains, scale_segments, template_scales
 from .errors import BudgetTooSmallError, SuperweightsError
+from .generation import SSNProgram, matmul_layout, run_ssn, ssn_items, ssn_program
 from .plan import SlotSpec, depth_bin_assignment, resolve_budget
-from .windows import cyclic
 
 UPSAMPLERS = ("repeat", "mask", "inter")
 GROUP_MODES = ("one", "depth", "learned")
 LAYOUTS = ("chained", "aligned")
-_ALIGN = 128  # entries (512 bytes of float32: CPU allocations are 64-byte, CUDA ones 512-byte aligned)
 
 
 # -- plan ----------------------------------------------------------------------------------------
@@ -296,11 +295,11 @@ class SSNBank(nn.Module):
     """Flat `bank` (exactly plan.budget entries), flat `coefficients` (wavg coefficients + masks), `gains`.
 
     Same interface as `core.bank.SuperWeightBank` where the ensemble uses it: `forward()` returns every
-    slot weight in plan order, `forward(slots)` only the requested ones (None elsewhere). Autograd cost:
-    the flat vectors are cut once with `torch.split`; all wavg slots of a (chained) group read one cyclic
-    tiling of theta_g that is split again, so backward never zero-fills a whole group vector per wavg slot.
-    An upsampled slot reads S > P_g entries anyway.
-    The aligned layout (learned-groups probe only) slices per slot: O(slots x P_g) in backward.
+    slot weight in plan order, `forward(slots)` only the requested ones (None elsewhere). Generation is
+    batched (`core.generation`): wavg slots are chunked matmuls (one bmm per template count), repeat and
+    mask slots one gather of the bank, inter slots one interpolation per distinct (grid, shape); the
+    number of kernels does not grow with the number of slots. `core.reference` keeps the per-slot
+    generation it replaced.
     """
 
     def __init__(self, plan: SSNPlan, generator: torch.Generator | None = None, coef_init: str = "random"):
@@ -319,92 +318,43 @@ class SSNBank(nn.Module):
 
     # -- generation --------------------------------------------------------------------------
     def _build_index(self) -> None:
-        """Per group, its chained wavg slots with their region offsets in the group's tiling; per distinct
-        requested slot set, the requested slots of each group (computed once, a dict lookup per step)."""
-        plan = self.plan
-        self._chains: list[tuple[list[int], list[int], list[int]]] = []  # (wavg slots, lengths, starts)
-        for g in plan.groups:
-            wavg = [i for i in g.slots if plan.slot_layout[i].mode == "wavg"]
-            lengths = [plan.slot_layout[i].templates * plan.slots[i].numel for i in wavg]
-            starts = [sum(lengths[:j]) for j in range(len(lengths) + 1)]
-            self._chains.append((wavg, lengths, starts))
-        self._position = {i: j for wavg, _, _ in self._chains for j, i in enumerate(wavg)}
-        self._all = [list(g.slots) for g in plan.groups]
-        self._subsets: dict[tuple[int, ...], list[list[int]]] = {}
+        """The generation layout (from the whole plan, so subset programs compute exactly the full one's values)
+        and one program per distinct requested slot set (built once, a dict lookup per step)."""
+        self._layout = matmul_layout(ssn_items(self.plan))
+        self._programs: dict[tuple[int, ...] | None, SSNProgram | None] = {}
 
-    def _subset(self, slots: Iterable[int]) -> list[list[int]]:
-        """Requested slot ids of every group (in group order) for a requested slot set."""
-        key = tuple(slots)
-        hit = self._subsets.get(key)
-        if hit is None:
-            wanted = set(key)
-            if wanted and not 0 <= min(wanted) <= max(wanted) < len(self.plan.slots):
-                raise IndexError(f"slot ids must be in [0, {len(self.plan.slots)}), got {key}")
-            hit = self._subsets[key] = [[i for i in g.slots if i in wanted] for g in self.plan.groups]
-        return hit
-
-    @staticmethod
-    def _tiling(theta: Tensor, starts: list[int], a: int, z: int) -> Tensor:
-        """Chained wavg regions a..z-1 of a group: entries starts[a] .. starts[z] of the cyclic tiling of theta_g.
-
-        Why not simply `cyclic(theta, starts[a], ...)`: the full tiling (a == 0, z == all) is a fresh copy
-        when it wraps, and a matmul's rounding depends on its operand's memory alignment (measured: slot
-        coefficient gradients differed in the last bit). A subset that would be a copy is therefore copied
-        into a buffer in which every region has the full tiling's alignment (mod `_ALIGN` entries), so a
-        subset generation and its gradients are bit for bit those of the full generation.
-        """
-        lo, hi, total = starts[a], starts[z], starts[-1]
-        if (lo == 0 and hi == total) or total <= theta.numel():  # the full tiling, or views at its addresses
-            return cyclic(theta, lo, hi - lo)
-        base = lo - lo % _ALIGN
-        return cyclic(theta, base, hi - base).clone()[lo - base :]
+    def _program(self, slots: Iterable[int] | None) -> SSNProgram | None:
+        key = None if slots is None else tuple(slots)
+        hit = self._programs.get(key, False)
+        if hit is False:
+            n = len(self.plan.slots)
+            ids = list(range(n)) if key is None else sorted(set(key))
+            if ids and not 0 <= ids[0] <= ids[-1] < n:
+                raise IndexError(f"slot ids must be in [0, {n}), got {key}")
+            hit = self._programs[key] = ssn_program(self.plan, self._layout, ids) if ids else None
+        return None if hit is None else hit.to(self.bank.device)
 
     def group_vectors(self) -> tuple[Tensor, ...]:
         return torch.split(self.bank, self._group_sizes)
 
+    def _generate(self, slots: Iterable[int] | None, gains: Tensor | None) -> list[Tensor | None]:
+        program = self._program(slots)
+        if program is None:
+            return [None] * len(self.plan.slots)
+        return run_ssn(program, self.bank, self.coefficients, gains, len(self.plan.slots))
+
     def raw_weights(self, slots: Iterable[int] | None = None) -> list[Tensor | None]:
         """Slot weights before the fixed gain, in plan slot order.
 
-        `slots` (plan slot ids): generate only those (only the groups they are in, only their matmuls and
-        windows); the other entries are None. Requested chained wavg slots read one cyclic tiling that
-        spans from the first to the last requested region of their group (the whole tiling when all are).
+        `slots` (plan slot ids): generate only those (only their matmul chunks and gathers); the other
+        entries are None.
         """
-        plan = self.plan
-        thetas = self.group_vectors()
-        coefs = torch.split(self.coefficients, self._coef_sizes)
-        raw: list[Tensor | None] = [None] * len(plan.slots)
-        per_group = self._all if slots is None else self._subset(slots)
-        for g, theta, ids, (wavg, lengths, starts) in zip(plan.groups, thetas, per_group, self._chains):
-            if not ids:
-                continue
-            p = g.params
-            if plan.layout == "chained":
-                pos = [self._position[i] for i in ids if plan.slot_layout[i].mode == "wavg"]
-                if pos:
-                    a, z = pos[0], pos[-1] + 1
-                    regions = dict(zip(wavg[a:z], torch.split(self._tiling(theta, starts, a, z), lengths[a:z])))
-            for i in ids:
-                spec, lay = plan.slots[i], plan.slot_layout[i]
-                s = spec.numel
-                if lay.mode == "wavg":
-                    if plan.layout == "chained":
-                        windows = regions[i].view(lay.templates, s)
-                    else:
-                        windows = torch.stack([cyclic(theta, k * p // lay.templates, s) for k in range(lay.templates)])
-                    w = coefs[i] @ windows
-                elif lay.mode == "repeat":
-                    w = cyclic(theta, lay.phase, s)
-                elif lay.mode == "mask":
-                    w = torch.cat((theta, cyclic(theta, 0, s - p) * coefs[i]))
-                else:
-                    w = inter_upsample(cyclic(theta, lay.phase, lay.grid[0] * lay.grid[1]).view(lay.grid), spec.shape)
-                raw[i] = w.view(spec.shape)
-        return raw
+        return self._generate(slots, None)
 
     def forward(self, slots: Iterable[int] | None = None) -> list[Tensor | None]:
         """Slot weights in plan slot order (one regeneration per training step): every slot, or only `slots`
         (plan slot ids; None elsewhere), e.g. a member-parallel worker's own members'."""
-        return [None if w is None else w * self.gains[i] for i, w in enumerate(self.raw_weights(slots))]
+        return self._generate(slots, self.gains)
 
     # -- initialisation ----------------------------------------------------------------------
     @torch.no_grad()

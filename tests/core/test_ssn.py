@@ -282,8 +282,9 @@ def test_subset_chained_wavg_regions_keep_the_full_tilings_values_when_it_wraps(
 
 
 def test_subset_generation_only_computes_the_requested_slots():
-    """Counted FLOPs of the wavg matmuls (K x S per slot, every slot wavg at budget 1.0): only the thin
-    member's, in forward; backward also shrinks."""
+    """Counted FLOPs of the wavg matmuls (K x S per slot, S padded to whole column chunks of the plan's chunk
+    size, `core.generation`; every slot wavg at budget 1.0): only the thin member's, in forward; backward also
+    shrinks."""
     from torch.utils.flop_counter import FlopCounterMode
 
     plan, bank = make(1.0, "repeat", "depth")
@@ -298,10 +299,12 @@ def test_subset_generation_only_computes_the_requested_slots():
         return forward, fc.get_total_flops()
 
     def wavg_flops(ids):
-        return sum(2 * plan.slot_layout[i].templates * plan.slots[i].numel for i in ids)
+        c = bank._layout.chunk
+        return sum(2 * plan.slot_layout[i].templates * -(-plan.slots[i].numel // c) * c for i in ids)
 
     thin = plan.member_slots(1)
     (full_fwd, full_bwd), (sub_fwd, sub_bwd) = counted(None), counted(thin)
     assert full_fwd == wavg_flops(range(len(plan.slots)))
     assert sub_fwd == wavg_flops(thin) < full_fwd
     assert sub_bwd < full_bwd
+    assert full_fwd <= 1.05 * sum(2 * plan.slot_layout[i].templates * plan.slots[i].numel for i in range(len(plan.slots)))

@@ -1,0 +1,199 @@
+"""Batched generation (`core.generation`, issue 16) against the per-block, per-slot one it replaced
+(`core.reference`): same seed -> same weights and gradients, on real architectures' plans at low, mid and high
+budgets, SuperWeights and SSN; and a number of kernels per generation that does not grow with the slots."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import pytest
+import torch
+
+from core.bank import SuperWeightBank
+from core.plan import SlotSpec, build_plan
+from core.reference import ReferenceGenerator
+from core.slots import trace_slots
+from core.ssn import UPSAMPLERS, SSNBank, build_ssn_plan, ssn_groups
+
+# Architectures come from ensemble's registry (tests may import any layer; core itself never does).
+FAMILIES = {
+    "wrn": ["wrn-10-2", "wrn-10-1"],
+    "resnet": ["resnet-18-8", "resnet-18-4"],
+    "mobilenetv2": ["mobilenetv2-35", "mobilenetv2-25"],
+    "mlp": ["mlp-128-2", "mlp-64-3"],
+}
+DIGITS = ["wrn-16-4", "wrn-16-2", "wrn-10-4", "wrn-10-2"]  # the default members (ensemble.config)
+
+
+def traced(names: list[str], channels: int = 3, size: int = 32) -> list[SlotSpec]:
+    from ensemble import members as _members  # noqa: F401  (registers the architectures)
+    from ensemble.registry import create_model
+
+    out = []
+    x = torch.zeros(1, channels, size, size, device="meta")
+    for m, name in enumerate(names):
+        with torch.device("meta"):
+            model = create_model(name, channels, 10)
+        out += [SlotSpec(m, n, kind, shape) for n, kind, shape in trace_slots(model, x)]
+    return out
+
+
+_SLOTS: dict[str, list[SlotSpec]] = {}
+
+
+def family_slots(family: str) -> list[SlotSpec]:
+    if family not in _SLOTS:
+        _SLOTS[family] = traced(FAMILIES[family])
+    return _SLOTS[family]
+
+
+def banks(family: str, budget: float):
+    """The SuperWeight bank and one SSN bank per upsampler of the family's plan (same seed)."""
+    slots = family_slots(family)
+    yield "superweights", SuperWeightBank(build_plan(slots, budget), torch.Generator().manual_seed(0))
+    for upsample in UPSAMPLERS:
+        plan = build_ssn_plan(slots, budget, ssn_groups(slots, "depth", 4), 4, upsample)
+        bank = SSNBank(plan, torch.Generator().manual_seed(0))
+        with torch.no_grad():  # masks and coefficients as training leaves them
+            bank.coefficients.add_(0.1 * torch.randn(bank.coefficients.shape, generator=torch.Generator().manual_seed(1)))
+        yield f"ssn-{upsample}", bank
+
+
+def loss_grads(bank, weights, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    loss = sum((w * torch.randn(w.shape, generator=g, dtype=w.dtype)).sum() for w in weights if w is not None)
+    bank.zero_grad(set_to_none=True)
+    loss.backward()
+    coef = bank.coefficients.grad
+    return bank.bank.grad.clone(), None if coef is None else coef.clone()
+
+
+@pytest.mark.parametrize("budget", [0.01, 0.5, 2.0])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_batched_generation_equals_the_reference_weights_and_gradients(family, budget):
+    for kind, bank in banks(family, budget):
+        ref = ReferenceGenerator(bank)
+        # float32, as trained: same weights to atol 1e-6 (they are ~He scale, so this is a few ulps)
+        new, old = bank(), ref()
+        assert len(new) == len(old) == len(bank.plan.slots)
+        for i, (a, b) in enumerate(zip(new, old)):
+            assert a.shape == b.shape, (kind, i)
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=f"{kind} slot {i}")
+        ga, gb = loss_grads(bank, new), loss_grads(bank, old)
+        # gradients sum ~1e5 terms in another order (chunks): equal to float32 rounding of their magnitude
+        for x, y in zip(ga, gb):
+            if y is not None:
+                torch.testing.assert_close(x, y, rtol=0, atol=1e-5 * max(1.0, y.abs().max().item()), msg=kind)
+        # float64: the same computation, so the gradients are equal to atol 1e-6 (measured ~1e-13)
+        bank.double()
+        ga, gb = loss_grads(bank, bank()), loss_grads(bank, ref())
+        for x, y in zip(ga, gb):
+            if y is not None:
+                torch.testing.assert_close(x, y, rtol=0, atol=1e-6, msg=kind)
+
+
+def test_subset_generation_equals_the_reference_subset():
+    for kind, bank in banks("mobilenetv2", 0.5):
+        ref = ReferenceGenerator(bank)
+        thin = bank.plan.member_slots(1)
+        new, old = bank(slots=thin), ref(thin)
+        for i, (a, b) in enumerate(zip(new, old)):
+            assert (a is None) == (b is None) == (i not in thin), (kind, i)
+            if a is not None:
+                torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+# -- number of aten calls -------------------------------------------------------------------------------------
+
+# Metadata-only aten calls: they make a tensor object, launch no kernel and move no data. A slot weight is one
+# tensor object, so one view per slot (forward) and one flattening view per slot gradient (backward) remain.
+METADATA = {
+    "aten::view", "aten::as_strided", "aten::slice", "aten::narrow", "aten::select", "aten::transpose",
+    "aten::unsqueeze", "aten::expand", "aten::split", "aten::split_with_sizes", "aten::unbind", "aten::reshape",
+    "aten::_reshape_alias", "aten::alias", "aten::detach", "aten::resolve_conj", "aten::resolve_neg", "aten::t",
+    "aten::permute", "aten::squeeze", "aten::flatten", "aten::lift_fresh", "aten::detach_",
+}
+# aten calls that run a kernel in one generation forward + backward, whatever the plan: ~70 fixed (gathers,
+# scatters, gains, allocations) + 3 bmm per (K, R) class, and classes are bounded by max_templates x the row
+# classes (exact up to 4 coefficient sets per block, then powers of two), never by slots or blocks. Measured:
+# 82 (11 slots), 97 (56 slots, digits), 104 (182 slots); the reference: 2,062 / 7,081 / ~25,000.
+KERNEL_BOUND = 120
+# Metadata-only calls: one view per slot weight and one per slot gradient are ours; autograd's bookkeeping of a
+# custom Function's view outputs adds a few more per slot (measured ~7 per slot in all), plus ~150 views of
+# the per-class buffers. No kernel, no data.
+METADATA_PER_SLOT = 8
+
+
+def aten_calls(generate, bank) -> Counter:
+    """aten calls (nested ones counted) of one generation forward + backward, as torch.profiler records them."""
+    from torch.profiler import ProfilerActivity, profile
+
+    weights = generate()  # warm: programs are built once per slot set
+    grads = [torch.randn_like(w) for w in weights]
+    bank.zero_grad(set_to_none=True)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        torch.autograd.backward(generate(), grads)
+    return Counter(e.name for e in prof.events() if e.name.startswith("aten::"))
+
+
+def split_calls(calls: Counter) -> tuple[int, int]:
+    meta = sum(n for name, n in calls.items() if name in METADATA)
+    return sum(calls.values()) - meta, meta
+
+
+def test_aten_calls_of_a_generation_do_not_grow_with_slots():
+    """Digits plan (the default members on 8x8 inputs) and a one-member plan with 5x fewer slots, and a plan with
+    3x more slots (mixed architectures): the kernels stay under one fixed bound; the reference's grow with slots."""
+    plans = {
+        "one member": build_plan(traced(["wrn-10-2"], 1, 8), 0.5),
+        "digits": build_plan(traced(DIGITS, 1, 8), 0.5),
+        "many": build_plan(traced([*DIGITS, "wrn-28-2", "wrn-22-2", "resnet-18-8", "mobilenetv2-35"], 1, 32), 0.5),
+    }
+    counts = {}
+    for name, plan in plans.items():
+        bank = SuperWeightBank(plan, torch.Generator().manual_seed(0))
+        kernels, meta = split_calls(aten_calls(bank, bank))
+        old_kernels, old_meta = split_calls(aten_calls(ReferenceGenerator(bank), bank))
+        counts[name] = (len(plan.slots), kernels, meta, old_kernels + old_meta)
+        assert kernels <= KERNEL_BOUND, (name, counts[name])
+        assert meta <= METADATA_PER_SLOT * len(plan.slots) + 200, (name, counts[name])
+    slots = [c[0] for c in counts.values()]
+    assert max(slots) >= 15 * min(slots)  # the plans really differ in slot count
+    assert counts["digits"][3] > 20 * counts["digits"][1]  # the reference issued far more: the bound means something
+    assert counts["many"][3] > counts["digits"][3] > counts["one member"][3]  # and it grew with the slots
+
+
+def test_ssn_aten_calls_do_not_grow_with_slots():
+    for names in (["wrn-10-2"], [*DIGITS, "wrn-28-2", "mobilenetv2-35"]):
+        slots = traced(names, 1, 8)
+        for upsample in ("repeat", "mask"):
+            for budget in (0.05, 2.0):
+                plan = build_ssn_plan(slots, budget, ssn_groups(slots, "depth", 4), 4, upsample)
+                bank = SSNBank(plan, torch.Generator().manual_seed(0))
+                kernels, meta = split_calls(aten_calls(bank, bank))
+                assert kernels <= KERNEL_BOUND, (names, upsample, budget, kernels)
+                assert meta <= METADATA_PER_SLOT * len(slots) + 200, (names, upsample, budget, meta)
+
+
+def test_generated_weights_are_views_of_one_buffer_kept_once():
+    """Issue 16 item 4: the slot weights share one storage (no second copy as block outputs), and autograd keeps
+    no tensor of generated-weight size for generation's backward (templates are gathered again there)."""
+    bank = SuperWeightBank(build_plan(traced(DIGITS, 1, 8), 0.5), torch.Generator().manual_seed(0))
+    weights = bank()
+    storages = {w.untyped_storage().data_ptr() for w in weights}
+    assert len(storages) == 1
+    assert weights[0].untyped_storage().nbytes() == 4 * sum(w.numel() for w in weights)
+    saved = []
+    node = weights[0].grad_fn
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n is None or n in seen:
+            continue
+        seen.add(n)
+        saved += [t for t in getattr(n, "saved_tensors", ())]
+        stack += [f for f, _ in n.next_functions]
+    biggest = max((t.numel() for t in saved), default=0)
+    assert biggest <= max(bank.bank.numel(), bank.coefficients.numel())  # only parameters, gains are saved
+    assert math.prod(weights[0].shape) == weights[0].numel()
