@@ -20,7 +20,7 @@ from anytime.record import anytime_record  # noqa: E402
 from bench.common import interleaved, write_section  # noqa: E402
 from ensemble.config import load_config  # noqa: E402
 from ensemble.data import DatasetInfo  # noqa: E402
-from ensemble.model import build_ensemble  # noqa: E402
+from ensemble.methods import build_ensemble  # noqa: E402
 
 CASES = {
     "digits 8x8, wrn-16-4 + wrn-16-2 + wrn-10-4 + wrn-10-2, exits all, batch 256": (

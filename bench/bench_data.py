@@ -52,7 +52,7 @@ def main() -> int:
     from ensemble.config import load_config
     from ensemble.data import dataset_info, load_data
     from ensemble.datasets.images import open_source
-    from ensemble.model import build_ensemble
+    from ensemble.methods import build_ensemble
     from ensemble.training import make_optimizer, train_step
 
     with tempfile.TemporaryDirectory(prefix="bench-data-cache-") as cache:

@@ -14,12 +14,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from core.errors import SuperweightsError
-from core.plan import Plan, build_plan, resolve_budget
-from core.ssn import SSNPlan, build_ssn_plan
+from core.plan import Plan, resolve_budget
+from core.ssn import SSNPlan
 
 from .config import Config, from_dict
 from .data import DatasetInfo, dataset_info
-from .model import StackedEnsemble, SuperWeightEnsemble, build_ensemble, member_labels
+from .methods import build_ensemble, method_of
+from .model import StackedEnsemble, SuperWeightEnsemble, member_labels
+from .planning import member_slots
 
 FILES = ("weights.safetensors", "plan.json", "config.json", "metrics.json")
 
@@ -78,7 +80,8 @@ def load_plan(folder) -> tuple[Config, DatasetInfo, Plan | None]:
         plan = None if bank is None else (SSNPlan if bank.get("method") == "ssn" else Plan).from_json(bank)
     except (KeyError, TypeError, AttributeError, ValueError, IndexError) as e:
         raise SuperweightsError(f"{where} is malformed ({_reason(e)})") from None
-    if plan_json.get("method") != config.bank.method or (plan is None) != (config.bank.method == "full"):
+    plan_type = method_of(config).plan_type  # the config's method says what its plan is (None: no bank)
+    if plan_json.get("method") != config.bank.method or type(plan) is not (plan_type or type(None)):
         raise SuperweightsError(f"{where} does not match config.json (method {config.bank.method})")
     check_plan(config, info, plan, bank, plan_json.get("members"), where)
     return config, info, plan
@@ -96,7 +99,8 @@ def check_plan(config: Config, info: DatasetInfo, plan: Plan | SSNPlan | None, b
 
     Learned layouts (gradient regrouping, coefficient unsharing, learned SSN groups) legitimately differ from
     the config's depth-bin plan, so they are re-laid out from their own groups; plans the config fully
-    determines (depth-bin SuperWeights without unsharing, `one`/`depth` SSN groups) must equal the config's.
+    determines (depth-bin SuperWeights without unsharing, `one`/`depth` SSN groups) must equal the config's
+    (`BankMethod.relayout` in `ensemble.methods`).
     """
     def mismatch(detail: str):
         return SuperweightsError(f"{where} does not match config.json: {detail}")
@@ -115,8 +119,6 @@ def check_plan(config: Config, info: DatasetInfo, plan: Plan | SSNPlan | None, b
         raise mismatch(f"image size {list(info.image_size)} but data.image_size = {config.data.image_size}")
     if plan is None:
         return
-    from .planning import make_plan, member_slots
-
     slots = member_slots(config, info)
     if len(plan.slots) != len(slots):
         raise mismatch(f"{len(plan.slots)} slots but the config's members have {len(slots)}")
@@ -132,23 +134,10 @@ def check_plan(config: Config, info: DatasetInfo, plan: Plan | SSNPlan | None, b
         raise mismatch(f"budget {plan.budget:,} but bank.budget = {b.budget!r} gives {resolved:,} parameters")
     if plan.max_templates != b.max_templates:
         raise mismatch(f"max_templates {plan.max_templates!r} but bank.max_templates = {b.max_templates}")
-    ssn = isinstance(plan, SSNPlan)
-    if ssn and plan.upsample != b.upsample:
+    if isinstance(plan, SSNPlan) and plan.upsample != b.upsample:
         raise mismatch(f"upsample {plan.upsample!r} but bank.upsample = {b.upsample!r}")
     try:
-        if ssn and b.ssn_groups != "learned":
-            from .ssn_model import make_ssn_plan  # lazy: ssn_model builds on the model and training modules
-
-            again, how = make_ssn_plan(config, info, b.upsample, b.ssn_groups, b.max_templates, b.budget,
-                                       slots=slots), "when laid out from config.json"
-        elif ssn:
-            again, how = build_ssn_plan(plan.slots, plan.budget, plan.slot_group, plan.max_templates,
-                                        plan.upsample, plan.layout), "when its learned groups are laid out again"
-        elif b.grouping == "depth" and not b.unshare_epoch:
-            again, how = make_plan(config, info, slots), "when laid out from config.json"
-        else:  # regrouped by gradients and/or coefficients unshared: the groups and sets are learned
-            again, how = build_plan(plan.slots, plan.budget, b.depth_bins, plan.max_templates, group_of=plan.slot_group,
-                                    coef_of=plan.slot_coef), "when its learned groups are laid out again"
+        again, how = method_of(config).relayout(config, info, slots, plan)
     except (SuperweightsError, TypeError, ValueError, IndexError, KeyError) as e:
         raise mismatch(f"its layout cannot be rebuilt ({_reason(e)})") from None
     difference = _first_difference(bank_json, again.to_json())

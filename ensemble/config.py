@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import SuperweightsError
+from core.ssn import GROUP_MODES, UPSAMPLERS
 
 
 @dataclass(frozen=True)
@@ -139,8 +140,6 @@ class Config:
         if self.bank.method not in METHODS:
             raise SuperweightsError(f"bank.method must be one of {', '.join(METHODS)}, got {self.bank.method!r}")
         if self.bank.method == "ssn":
-            from core.ssn import GROUP_MODES, UPSAMPLERS
-
             if self.bank.upsample not in UPSAMPLERS:
                 raise SuperweightsError(f"bank.upsample must be one of {', '.join(UPSAMPLERS)}, got {self.bank.upsample!r}")
             if self.bank.ssn_groups not in GROUP_MODES:

@@ -1,11 +1,11 @@
 """Early exits (DESIGN.md step 10): exit heads and the `ExitMember` wrapper (bank slots, part of the model).
 
-A member follows the staged protocol: `stem`, `stages` (ModuleList), `head` (its classifier) and
-`stage_channels`. `ExitMember(member, exit_stages, heads)` adds a head after each chosen stage; the
-member's own `head` is always the last exit. Its `forward(x)` runs stem/stages once and returns every
-exit `(B, E, C)`, so `core.slots.trace_slots` lists the exit linears as bank slots (kind "linear") like
-any other weight. A *step* advances one member to its next exit; `advance(h, k)` runs exactly the ops of
-step k, so per-step FLOPs sum to the full forward.
+A member is a `StagedMember` (`ensemble.members.staged`: `stem`, `stages`, `head`, `stage_channels`).
+`ExitMember(member, exit_stages, heads)` adds a head after each chosen stage; the member's own `head` is
+always the last exit. Its `forward(x)` runs stem/stages once and returns every exit `(B, E, C)`, so
+`core.slots.trace_slots` lists the exit linears as bank slots (kind "linear") like any other weight. A
+*step* advances one member to its next exit; `advance(h, k)` runs exactly the ops of step k, so per-step
+FLOPs sum to the full forward. A staged member without exits is one step (`StagedMember.advance`).
 
 Step costs, schedules, the combiner and the anytime record are `anytime`'s (`anytime.costs`,
 `anytime.schedule`, `anytime.combine`, `anytime.record`).
@@ -13,10 +13,14 @@ Step costs, schedules, the combiner and the anytime record are `anytime`'s (`any
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import Tensor, nn
 
 from core.errors import SuperweightsError
+
+from .members.staged import StagedMember
 
 
 def exit_head(feature_shape: tuple[int, ...], num_classes: int) -> nn.Module:
@@ -52,7 +56,7 @@ def exits_enabled(exits) -> bool:
 class ExitMember(nn.Module):
     """A member with exits after `exit_stages`: `forward(x) -> (B, E, C)`, exit E-1 = the member's head."""
 
-    def __init__(self, member: nn.Module, exit_stages: tuple[int, ...], heads: list[nn.Module]):
+    def __init__(self, member: StagedMember, exit_stages: tuple[int, ...], heads: list[nn.Module]):
         super().__init__()
         if len(heads) != len(exit_stages) - 1 or exit_stages[-1] != len(member.stages) - 1:
             raise SuperweightsError("ExitMember: one head per exit stage except the last (the member's own head)")
@@ -69,11 +73,10 @@ class ExitMember(nn.Module):
 
     def advance(self, h: Tensor, k: int) -> tuple[Tensor, Tensor]:
         """Step k: from the state after exit k-1 (the normalised input when k == 0) to exit k's logits."""
-        start = 0 if k == 0 else self.exit_stages[k - 1] + 1
         if k == 0:
-            h = self.member.stem(h)
-        for s in range(start, self.exit_stages[k] + 1):
-            h = self.member.stages[s](h)
+            h = self.member.run_stages(self.member.stem(h), 0, self.exit_stages[0] + 1)
+        else:
+            h = self.member.run_stages(h, self.exit_stages[k - 1] + 1, self.exit_stages[k] + 1)
         return h, self.exit_module(k)(h)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -89,7 +92,7 @@ class ExitMember(nn.Module):
 
 
 class PlainSteps:
-    """A member without exits seen as one step (its whole forward)."""
+    """A registered member that is not a `StagedMember` (any `nn.Module`) seen as one step: its whole forward."""
 
     num_exits = 1
 
@@ -100,16 +103,19 @@ class PlainSteps:
         return h, self.member(h)
 
 
-def as_steps(member: nn.Module):
-    """Anything with `num_exits` and `advance(h, k)`."""
-    return member if isinstance(member, ExitMember) else PlainSteps(member)
+def as_steps(member: nn.Module) -> ExitMember | StagedMember | PlainSteps:
+    """The member as something with `num_exits` and `advance(h, k)`: exit and staged members are that already."""
+    return member if isinstance(member, ExitMember | StagedMember) else PlainSteps(member)
 
 
-def stage_shapes(meta_member: nn.Module, example: Tensor) -> list[tuple[int, ...]]:
+def _require_staged(member: nn.Module, name: str) -> None:
+    if not isinstance(member, StagedMember):
+        raise SuperweightsError(f"member {name} is not a StagedMember: exits need stem/stages/head")
+
+
+def stage_shapes(meta_member: StagedMember, example: Tensor) -> list[tuple[int, ...]]:
     """Output shape (no batch) of every stage, traced on the meta device."""
-    for attr in ("stem", "stages", "head"):
-        if not hasattr(meta_member, attr):
-            raise SuperweightsError(f"member {type(meta_member).__name__} has no `{attr}`: exits need stem/stages/head")
+    _require_staged(meta_member, type(meta_member).__name__)
     shapes, was_training = [], meta_member.training
     meta_member.eval()  # a batch of one: BatchNorm refuses it in training mode at 1x1 maps
     try:
@@ -123,15 +129,12 @@ def stage_shapes(meta_member: nn.Module, example: Tensor) -> list[tuple[int, ...
     return shapes
 
 
-def wrap_with_exits(member: nn.Module, name: str, exits, example: Tensor, num_classes: int,
-                    meta_member: nn.Module | None = None) -> ExitMember:
+def wrap_with_exits(member: StagedMember, name: str, exits, example: Tensor, num_classes: int,
+                    meta_member: StagedMember | None = None) -> ExitMember:
     """`member` wrapped with the configured exits; shapes come from a meta trace (`meta_member` or a copy)."""
-    if not hasattr(member, "stages"):
-        raise SuperweightsError(f"member {name} has no `stages`: exits need stem/stages/head")
+    _require_staged(member, name)
     exit_stages = resolve_exit_stages(exits, len(member.stages), name)
     if meta_member is None:
-        import copy
-
         meta_member = copy.deepcopy(member).to("meta")
     shapes = stage_shapes(meta_member, example.to("meta"))
     heads = [exit_head(shapes[s], num_classes) for s in exit_stages[:-1]]

@@ -37,8 +37,9 @@ from .collective import Collective
 from .config import Config
 from .data import DataSplits, load_data
 from .grouping import regroup_plan, unshare_coefficients
-from .model import StackedEnsemble, build_ensemble
-from .ssn_model import learned_ssn_groups, make_ssn_plan
+from .methods import build_ensemble, make_ssn_plan
+from .model import StackedEnsemble
+from .ssn_model import learned_ssn_groups
 from .train_state import read_train_state, restore_into, write_train_state
 from .training import evaluate, make_optimizer, resolve_device, train_step
 

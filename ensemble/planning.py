@@ -1,21 +1,22 @@
-"""From config to plan: trace members on the meta device (no data, no memory) and lay out the bank.
+"""A config's members and their slots: built for real (`build_members`, seeded) or on the meta device (no
+data, no memory: `meta_members`), traced into the `SlotSpec`s a bank plan lays out (`member_slots`),
+checked against a saved plan (`check_plan_fits`); and the memory estimate that refuses a run this machine
+cannot hold (`check_memory`).
 
-Also the plan summary that `superweights plan --json` prints; its top-level field names are stable.
+How each bank method turns the slots into a plan, a model and a summary is `ensemble.methods`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
-from collections import Counter
 
 import torch
 from torch import nn
 
 from core.errors import SuperweightsError
-from core.flops import module_flops
-from core.plan import Plan, SlotSpec, build_plan, resolve_budget
+from core.plan import Plan, SlotSpec, resolve_budget
 from core.slots import trace_slots
+from core.ssn import SSNPlan
 
 from . import members as _members  # noqa: F401  (registers every architecture)
 from .config import Config
@@ -51,40 +52,33 @@ def member_slots(config: Config, info: DatasetInfo, members: list[nn.Module] | N
     ]
 
 
-def make_plan(config: Config, info: DatasetInfo, slots: list[SlotSpec] | None = None) -> Plan:
-    b = config.bank
-    return build_plan(
-        slots if slots is not None else member_slots(config, info),
-        b.budget,
-        depth_bins=b.depth_bins,
-        max_templates=b.max_templates,
-        share_coefficients=b.share_coefficients,
-    )
+def build_members(config: Config, info: DatasetInfo) -> tuple[list[nn.Module], list[str]]:
+    """The config's members (with exit heads when asked), seeded by `train.seed`."""
+    torch.manual_seed(config.train.seed)
+    names = list(config.ensemble.members)
+    members = [create_model(n, info.in_channels, info.num_classes) for n in names]
+    if exits_enabled(config.ensemble.exits):
+        example = example_input(info)
+        with torch.device("meta"):
+            metas = [create_model(n, info.in_channels, info.num_classes) for n in names]
+        members = [wrap_with_exits(m, n, config.ensemble.exits, example, info.num_classes, meta)
+                   for m, n, meta in zip(members, names, metas)]
+    return members, names
 
 
-def plan_summary(config: Config, info: DatasetInfo, plan: Plan | None = None, before_training: bool = False,
-                 memory_check: bool | None = None) -> dict:
-    """Stable JSON fields: budget, bank_params, coefficient_params, private_params, total_params,
-    full_ensemble_params, members [{name, params, flops}], groups [{id, kind, slots, blocks}].
-
-    `before_training`: the summary a run starts from. Learned SSN groups only exist after the loop's
-    pre-training, so it then describes the depth-bin layout (same exact budget, same members and FLOPs)
-    and says `"groups_learned_at_start": true`; without it such a config is an error (`plan --from`
-    shows the learned groups of a trained checkpoint).
-    `memory_check` (default: `before_training`): refuse (`check_memory`) a run that cannot fit this
-    machine's memory, first on the bank alone, before laying out a plan for an absurd budget, then on
-    the whole summary."""
-    b = config.bank
-    if before_training and plan is None and b.method == "ssn" and b.ssn_groups == "learned":
-        config = dataclasses.replace(config, bank=dataclasses.replace(b, ssn_groups="depth"))
-        extra = {"groups_learned_at_start": True}
-    else:
-        extra = {}
-    check = before_training if memory_check is None else memory_check
-    summary = {**_summary(config, info, plan, check), **extra}
-    if check:
-        check_memory(summary, config.train.momentum)
-    return summary
+def check_plan_fits(plan: Plan | SSNPlan, members: list[nn.Module], names: list[str]) -> None:
+    """A plan (e.g. from plan.json) must name existing slots of these members with the same shapes."""
+    for slot in plan.slots:
+        if slot.member >= len(members):
+            raise SuperweightsError(f"the plan has slots of member {slot.member} but the config has {len(members)} members")
+        try:
+            weight = members[slot.member].get_submodule(slot.name).weight
+        except AttributeError:
+            raise SuperweightsError(f"the plan does not match the config: {names[slot.member]} has no slot "
+                                    f"{slot.name!r} (ensemble.exits changed?)") from None
+        if tuple(weight.shape) != tuple(slot.shape):
+            raise SuperweightsError(f"the plan does not match the config: {names[slot.member]}.{slot.name} has shape "
+                                    f"{tuple(weight.shape)}, the plan says {tuple(slot.shape)}")
 
 
 def training_memory_bytes(summary: dict, momentum: bool = True) -> int:
@@ -131,82 +125,10 @@ def check_memory(summary: dict, momentum: float = 0.9, available: int | None = N
     return need
 
 
-def _bank_fits(config: Config, slots: list[SlotSpec]) -> None:
+def check_bank_memory(config: Config, slots: list[SlotSpec]) -> None:
     """`check_memory` on the bank alone (a lower bound of the whole): an SSN layout of a 1e15 budget would
     otherwise spend minutes lifting template counts before the whole summary could be checked."""
     budget = resolve_budget(config.bank.budget, slots)
     weights = sum(s.numel for s in slots)
     check_memory({"method": config.bank.method, "budget": budget, "total_params": budget, "slot_weights": weights},
                  config.train.momentum)
-
-
-def _summary(config: Config, info: DatasetInfo, plan: Plan | None, check_memory_first: bool = False) -> dict:
-    members = meta_members(config, info)
-    slots = member_slots(config, info, members)
-    if check_memory_first and plan is None and config.bank.method != "full":
-        _bank_fits(config, slots)
-    x = example_input(info)
-    rows = [
-        {"name": name, "params": sum(p.numel() for p in m.parameters()), "flops": module_flops(m, x)}
-        for name, m in zip(config.ensemble.members, members)
-    ]
-    full = sum(r["params"] for r in rows)
-    slot_weights = sum(s.numel for s in slots)
-    private = full - slot_weights
-    summary = {
-        "method": config.bank.method,
-        "dataset": info.name,
-        "input_shape": [info.in_channels, *info.image_size],
-        "num_classes": info.num_classes,
-        "slot_weights": slot_weights,
-    }
-    if config.bank.method == "full":
-        return {
-            **summary, "budget": slot_weights, "bank_params": 0, "coefficient_params": 0,
-            "private_params": private, "total_params": full, "full_ensemble_params": full,
-            "members": rows, "groups": [],
-        }
-    if config.bank.method == "ssn":
-        ssn = _ssn_summary(config, info, slots, plan)
-        return {**summary, **ssn, "budget_ratio": ssn["budget"] / slot_weights, "private_params": private,
-                "total_params": ssn["bank_params"] + ssn["coefficient_params"] + private,
-                "full_ensemble_params": full, "members": rows}
-    plan = plan or make_plan(config, info, slots)
-    return {
-        **summary,
-        "budget": plan.budget,
-        "budget_ratio": plan.budget / slot_weights,
-        "bank_params": plan.bank_params,
-        "coefficient_params": plan.coefficient_params,
-        "grouping": config.bank.grouping,
-        "coefficient_sets": plan.num_coef_sets,
-        "shared_slot_pairs": sum(n * (n - 1) // 2 for n in Counter(plan.slot_coef).values()),
-        "private_params": private,
-        "total_params": plan.bank_params + plan.coefficient_params + private,
-        "full_ensemble_params": full,
-        "members": rows,
-        "groups": [
-            {
-                "id": g.id,
-                "kind": g.kind,
-                "slots": [f"{config.ensemble.members[plan.slots[i].member]}:{plan.slots[i].name}" for i in g.slots],
-                "blocks": [
-                    {"shape": list(plan.blocks[b].shape), "templates": plan.blocks[b].templates, "params": plan.blocks[b].params}
-                    for b in sorted(g.blocks.values())
-                ],
-            }
-            for g in plan.groups
-        ],
-    }
-
-
-def _ssn_summary(config: Config, info: DatasetInfo, slots: list[SlotSpec], plan) -> dict:
-    from .ssn_model import make_ssn_plan, ssn_summary  # lazy: ssn_model builds on this module
-
-    b = config.bank
-    if plan is None:
-        if b.ssn_groups == "learned":
-            raise SuperweightsError("learned SSN groups are found by pre-training during `superweights train`; "
-                                    "`superweights plan --from CHECKPOINT` shows them")
-        plan = make_ssn_plan(config, info, b.upsample, b.ssn_groups, b.max_templates, b.budget, slots=slots)
-    return ssn_summary(plan, list(config.ensemble.members))

@@ -1,14 +1,15 @@
-"""SSN ensembles (NPAS / Shapeshifter Networks) beside SuperWeight ones: same model, another bank.
+"""Learned SSN groups (NPAS / Shapeshifter Networks): the SSN method's learning step, above training.
 
-`SSNEnsemble` is a `SuperWeightEnsemble` whose bank is a `core.ssn.SSNBank`: weight assignment,
-no-grad caching and `materialize()` (plain members, standard parameter counts, same outputs) are the
-parent's. `build_ssn_ensemble` builds one from a config and explicit SSN settings; learned groups
-(`learned_ssn_groups`) come from a short pre-training whose per-slot wavg coefficients are clustered
-with sklearn's KMeans (sklearn lives here, not in core).
+The SSN method itself (plan, build, summary; `SSNEnsemble` is in `ensemble.model`) is an entry of the
+table in `ensemble.methods`. Learned groups (`learned_ssn_groups`) come from a short pre-training whose
+per-slot wavg coefficients are clustered with sklearn's KMeans (sklearn lives here, not in core); the
+training loop runs it before its first epoch. `build_ssn_ensemble` builds an SSN ensemble from a config
+and explicit SSN settings (pre-training first when it asks for learned groups without them).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Iterable
 
@@ -17,37 +18,14 @@ import torch
 from torch import Tensor
 
 from core.errors import SuperweightsError
-from core.plan import SlotSpec
-from core.ssn import GROUP_MODES, SSNBank, SSNPlan, build_ssn_plan, ssn_groups
+from core.ssn import GROUP_MODES, SSNPlan, build_ssn_plan
 
-from . import members as _members  # noqa: F401  (registers every architecture)
 from .config import Config
 from .data import DatasetInfo
-from .model import SuperWeightEnsemble, _check_plan_fits, build_members
-from .planning import member_slots
+from .methods import build_ensemble, make_ssn_plan
+from .model import SSNEnsemble
+from .planning import build_members, member_slots
 from .training import make_optimizer, train_step
-
-
-class SSNEnsemble(SuperWeightEnsemble):
-    """Members whose conv/linear weights come from one `SSNBank`. Outputs `(B, M, C)` like every ensemble."""
-
-    def __init__(self, members, names, mean, std, plan: SSNPlan, generator: torch.Generator | None = None,
-                 coef_init: str = "random"):
-        super().__init__(members, names, mean, std, plan, bank=SSNBank(plan, generator, coef_init))
-
-
-def make_ssn_plan(config: Config, info: DatasetInfo, upsample: str = "repeat", groups_mode: str = "depth",
-                  max_templates: int = 4, budget: int | float | None = None, groups: list[int] | None = None,
-                  slots: list[SlotSpec] | None = None) -> SSNPlan:
-    """SSN plan of the config's members. `groups` (explicit ids per slot) wins over `groups_mode`;
-    `learned` needs them (from `learned_ssn_groups`). `depth` uses `config.bank.depth_bins` bins."""
-    slots = slots if slots is not None else member_slots(config, info)
-    if groups is None:
-        if groups_mode == "learned":
-            raise SuperweightsError("learned SSN groups need a pre-training first: call learned_ssn_groups(...) "
-                                    "and pass its result as groups")
-        groups = ssn_groups(slots, groups_mode, config.bank.depth_bins)
-    return build_ssn_plan(slots, config.bank.budget if budget is None else budget, groups, max_templates, upsample)
 
 
 def build_ssn_ensemble(config: Config, info: DatasetInfo, upsample: str = "repeat", groups_mode: str = "depth",
@@ -67,14 +45,10 @@ def build_ssn_ensemble(config: Config, info: DatasetInfo, upsample: str = "repea
         if data is None:
             raise SuperweightsError("learned SSN groups need training data for their pre-training")
         groups = learned_ssn_groups(config, info, data, device, pretrain_steps, n_groups, max_templates)
-    members, names = build_members(config, info)
     if plan is None:
         plan = make_ssn_plan(config, info, upsample, groups_mode, max_templates, budget, groups)
-    _check_plan_fits(plan, members, names)
-    generator = torch.Generator().manual_seed(config.train.seed)
-    model = SSNEnsemble(members, names, info.mean, info.std, plan, generator)
-    model.exit_weights = tuple(config.ensemble.exit_weights)  # read by training.train_step (exits only)
-    return model
+    ssn = dataclasses.replace(config, bank=dataclasses.replace(config.bank, method="ssn"))
+    return build_ensemble(ssn, info, plan)
 
 
 # -- learned groups --------------------------------------------------------------------------------
@@ -83,7 +57,7 @@ def build_ssn_ensemble(config: Config, info: DatasetInfo, upsample: str = "repea
 def kmeans_groups(embeddings: Tensor | np.ndarray, n_groups: int, seed: int = 0) -> list[int]:
     """KMeans(n_clusters=min(n_groups, n_slots), random_state=seed, n_init=10) labels, renumbered by first
     appearance (deterministic under the seed; every row gets a group)."""
-    from sklearn.cluster import KMeans
+    from sklearn.cluster import KMeans  # here, not at the top: importing sklearn costs ~1 s at start-up
 
     x = np.asarray(embeddings.detach().cpu().double() if isinstance(embeddings, Tensor) else embeddings, dtype=np.float64)
     if x.ndim != 2 or len(x) == 0:
@@ -149,8 +123,7 @@ def learned_ssn_groups(config: Config, info: DatasetInfo, data, device: str | to
     plan = probe_plan(config, info, templates)
     members, names = build_members(config, info)
     model = SSNEnsemble(members, names, info.mean, info.std, plan, torch.Generator().manual_seed(seed),
-                        coef_init="uniform").to(device)
-    model.exit_weights = tuple(config.ensemble.exit_weights)
+                        coef_init="uniform", exit_weights=config.ensemble.exit_weights).to(device)
     model.train()
     optimizer, scheduler = make_optimizer(model, config, steps)
     for x, y in _cycle(data, steps):
@@ -164,28 +137,3 @@ def learned_ssn_plan(config: Config, info: DatasetInfo, data, device: str | torc
     """`learned_ssn_groups` then the SSN plan on those groups (for `build_ssn_ensemble(..., plan=...)`)."""
     groups = learned_ssn_groups(config, info, data, device, steps, n_groups, max_templates)
     return make_ssn_plan(config, info, upsample, "learned", max_templates, budget, groups)
-
-
-def ssn_summary(plan: SSNPlan, member_names: list[str]) -> dict:
-    """Plan fields for `plan --json`-style summaries (SSN groups have no blocks/kind: they are flat vectors)."""
-    return {
-        "budget": plan.budget,
-        "bank_params": plan.bank_params,
-        "coefficient_params": plan.coefficient_params,
-        "mask_params": plan.mask_params,
-        "upsample": plan.upsample,
-        # 0 means every slot is a wavg slot (high budgets): then repeat, mask and inter are the same model
-        "upsampled_slots": sum(lay.mode != "wavg" for lay in plan.slot_layout),
-        "groups": [
-            {
-                "id": g.id,
-                "params": g.params,
-                "slots": [
-                    {"slot": f"{member_names[plan.slots[i].member]}:{plan.slots[i].name}",
-                     "mode": plan.slot_layout[i].mode, "templates": plan.slot_layout[i].templates}
-                    for i in g.slots
-                ],
-            }
-            for g in plan.groups
-        ],
-    }

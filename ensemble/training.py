@@ -87,10 +87,11 @@ def exit_loss(exit_logits: list[Tensor], y: Tensor, weights: tuple[float, ...] |
 def model_loss(model, x: Tensor, y: Tensor, members: list[int] | None = None) -> tuple[Tensor, Tensor]:
     """(training loss, last-exit logits (B, M', C)) of `members` (default all) on one batch.
 
-    With exits (`model.has_exits`) the loss sums every exit (DESIGN.md step 9), else every member's last."""
-    if getattr(model, "has_exits", False):
+    With exits (`model.has_exits`) the loss sums every exit weighted by `model.exit_weights` (DESIGN.md
+    step 9), else every member's last. `model`: a `StackedEnsemble` or a view of one (`Collective.view`)."""
+    if model.has_exits:
         outs = model.forward_exits_list(x, members)
-        loss = exit_loss(outs, y, getattr(model, "exit_weights", ()))
+        loss = exit_loss(outs, y, model.exit_weights)
         return loss, torch.stack([o[:, -1] for o in outs], dim=1)
     logits = model(x, members)
     return ensemble_loss(logits, y), logits

@@ -255,8 +255,8 @@ def train(config: Config, options: RayOptions = RayOptions(), *, name: str | Non
           out: str | Path | None = None, tracking_uri: str | None = None, experiment: str = EXPERIMENT,
           device: str = "cpu", log: Callable[[str], None] = print, track: bool = True) -> TrainOutcome:
     from ensemble.data import absolute_paths, load_data
+    from ensemble.methods import plan_summary
     from ensemble.model import member_labels
-    from ensemble.planning import plan_summary
 
     began = time.perf_counter()
     options.validate()

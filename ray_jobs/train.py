@@ -13,10 +13,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import time
 
+from ensemble.config import load_config
+from ensemble.training import validate_device
+
+from . import driver  # as a module: tests replace `driver.train`
 from .driver import RayOptions
 from .durable import require_durable
 from .exit_codes import interrupt_on_sigterm, run_guarded
+from .formatting import format_metrics
 
 _D = RayOptions()
 
@@ -75,12 +81,6 @@ def options_from_args(args, config=None) -> RayOptions:
 
 def run_from_args(args, log=print) -> int:
     """Train, then print what a user wants: the test table, where things are, how to look at them."""
-    from ensemble.config import load_config
-    from ensemble.training import validate_device
-
-    from .cli import format_metrics
-    from .driver import train
-
     # Syntax only, before anything starts: with workers the GPUs are theirs, and a device the driver does not
     # know (tpu, cuda:x) would otherwise fall back to CPU silently.
     device = validate_device(args.device)
@@ -97,9 +97,9 @@ def run_from_args(args, log=print) -> int:
     require_durable({"--out": args.out, "--storage-path": storage,
                      **({} if args.no_tracking else {"--tracking-uri": args.tracking_uri})})
     name = args.name or f"{config.bank.method}-{_stamp()}"
-    outcome = train(config, options, name=name, out=args.out or f"runs/{name}",
-                    tracking_uri=args.tracking_uri, experiment=args.experiment, device=device, log=log,
-                    track=not args.no_tracking)
+    outcome = driver.train(config, options, name=name, out=args.out or f"runs/{name}",
+                           tracking_uri=args.tracking_uri, experiment=args.experiment, device=device, log=log,
+                           track=not args.no_tracking)
     log("")
     log(format_metrics(outcome.metrics))
     log("")
@@ -116,8 +116,6 @@ def run_from_args(args, log=print) -> int:
 
 
 def _stamp() -> str:
-    import time
-
     return time.strftime("%Y%m%d-%H%M%S")
 
 

@@ -9,16 +9,17 @@ averaged over 4x4 patches) and the first layer has `in_channels * 64` inputs. Ev
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+from torch import nn
 
 from core.errors import SuperweightsError
 
 from ..registry import register_family
+from .staged import StagedMember
 
 GRID = 8  # the stem pools any image to GRID x GRID
 
 
-class MLP(nn.Module):
+class MLP(StagedMember):
     """`forward(x) -> (B, C)` logits; `stages[i]` output has `stage_channels[i]` features."""
 
     def __init__(self, width: int, depth: int, in_channels: int = 3, num_classes: int = 10):
@@ -34,12 +35,6 @@ class MLP(nn.Module):
         )
         self.stage_channels = dims[1:]
         self.head = nn.Linear(width, num_classes)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.stem(x)
-        for stage in self.stages:
-            x = stage(x)
-        return self.head(x)
 
 
 def _mlp(in_channels: int, num_classes: int, width: int, depth: int) -> MLP:

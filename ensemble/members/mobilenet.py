@@ -10,20 +10,21 @@ global average pooling makes any input size work. Depthwise 3x3 convs are slots 
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+from torch import nn
 from torchvision.models.mobilenetv2 import MobileNetV2 as TorchvisionMobileNetV2
 from torchvision.ops.misc import Conv2dNormActivation
 
 from core.errors import SuperweightsError
 
 from ..registry import register_family, register_model
+from .staged import StagedMember
 
 # Stage boundaries in torchvision's `features` (default inverted-residual setting): features[0] is the
 # stem; each later stage starts at a stride-2 block; the last stage ends with the 1x1 conv to 1280.
 STAGE_STARTS = (1, 4, 7, 14, 19)
 
 
-class MobileNetV2(nn.Module):
+class MobileNetV2(StagedMember):
     """`forward(x) -> (B, C)` logits; `stages[i]` output has `stage_channels[i]` channels."""
 
     def __init__(self, width_mult: float = 1.0, in_channels: int = 3, num_classes: int = 10, dropout: float = 0.2):
@@ -42,12 +43,6 @@ class MobileNetV2(nn.Module):
         )
         self.stage_channels = [stage[-1].out_channels for stage in self.stages]
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), tv.classifier)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.stem(x)
-        for stage in self.stages:
-            x = stage(x)
-        return self.head(x)
 
 
 @register_model(name="mobilenetv2")

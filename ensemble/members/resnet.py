@@ -10,18 +10,19 @@ number of input channels. Staged (`stem`, `stages`, `head`) so exits can attach 
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+from torch import nn
 from torchvision.models.resnet import BasicBlock, conv1x1
 
 from core.errors import SuperweightsError
 
 from ..registry import register_family
+from .staged import StagedMember
 
 # Blocks per stage, as in torchvision (BasicBlock depths only).
 LAYERS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
 
 
-class ResNet(nn.Module):
+class ResNet(StagedMember):
     """`forward(x) -> (B, C)` logits; `stages[i]` output has `stage_channels[i]` channels."""
 
     def __init__(self, depth: int, width: int = 64, in_channels: int = 3, num_classes: int = 10):
@@ -49,12 +50,6 @@ class ResNet(nn.Module):
         self.stages = nn.ModuleList(stages)
         self.stage_channels = widths
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(widths[-1], num_classes))
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.stem(x)
-        for stage in self.stages:
-            x = stage(x)
-        return self.head(x)
 
 
 def _resnet(in_channels: int, num_classes: int, depth: int, width: int = 64) -> ResNet:

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from core.errors import SuperweightsError
 
 from ..registry import register_family
+from .staged import StagedMember
 
 
 class PreActBlock(nn.Module):
@@ -31,7 +32,7 @@ class PreActBlock(nn.Module):
         return y + (self.shortcut(o) if self.shortcut is not None else x)
 
 
-class WideResNet(nn.Module):
+class WideResNet(StagedMember):
     """`forward(x) -> (B, C)` logits; `stages[i]` output has `stage_channels[i]` channels."""
 
     def __init__(self, depth: int, widen: int, in_channels: int = 3, num_classes: int = 10):
@@ -54,12 +55,6 @@ class WideResNet(nn.Module):
         self.head = nn.Sequential(
             nn.BatchNorm2d(widths[3]), nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(widths[3], num_classes)
         )
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.stem(x)
-        for stage in self.stages:
-            x = stage(x)
-        return self.head(x)
 
 
 def _wrn(in_channels: int, num_classes: int, depth: int, widen: int) -> WideResNet:

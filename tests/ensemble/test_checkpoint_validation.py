@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from core.errors import SuperweightsError
 from ensemble.checkpoint import load_checkpoint, load_plan
 from ensemble.loop import fit
-from ensemble.planning import make_plan
+from ensemble.methods import make_plan
 from ensemble.train_state import read_train_state
 from ray_jobs import cli
 

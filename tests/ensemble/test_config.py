@@ -119,7 +119,7 @@ def test_values_at_the_edges_of_their_ranges_are_valid(overrides):
 
 
 def _digits_summary(*overrides):
-    from ensemble.planning import plan_summary
+    from ensemble.methods import plan_summary
 
     from .conftest import DIGITS, cfg
 
@@ -138,7 +138,7 @@ def test_memory_estimate_counts_parameters_gradients_momentum_and_generated_weig
 
 
 def test_a_budget_that_cannot_fit_memory_is_refused_with_the_estimate(monkeypatch):
-    from ensemble import planning
+    from ensemble import methods, planning
 
     from .conftest import DIGITS, cfg
 
@@ -153,18 +153,18 @@ def test_a_budget_that_cannot_fit_memory_is_refused_with_the_estimate(monkeypatc
     huge = cfg('ensemble.members=["wrn-10-1"]', "bank.budget=1000000000000")
     with pytest.raises(SuperweightsError, match=r"a bank of 1,000,000,000,000 parameters \(bank.budget\) needs at "
                                                 r"least 12,00\d.\d GB to train .* this machine has 64.0 GB available"):
-        planning.plan_summary(huge, DIGITS, before_training=True)
-    assert planning.plan_summary(huge, DIGITS)["budget"] == 10**12  # a plain summary only describes
+        methods.plan_summary(huge, DIGITS, before_training=True)
+    assert methods.plan_summary(huge, DIGITS)["budget"] == 10**12  # a plain summary only describes
     learned = cfg('ensemble.members=["wrn-10-1"]', 'bank.method="ssn"', 'bank.ssn_groups="learned"',
                   "bank.budget=1000000000000")
     with pytest.raises(SuperweightsError, match="needs at least"):
-        planning.plan_summary(learned, DIGITS, before_training=True)
+        methods.plan_summary(learned, DIGITS, before_training=True)
     # the bank alone is checked before any layout: an SSN plan of 1e15 parameters is never laid out
     absurd = cfg('ensemble.members=["wrn-10-1"]', 'bank.method="ssn"', "bank.budget=1000000000000000")
     with pytest.raises(SuperweightsError, match="a bank of 1,000,000,000,000,000 parameters"):
-        planning.plan_summary(absurd, DIGITS, memory_check=True)
+        methods.plan_summary(absurd, DIGITS, memory_check=True)
     monkeypatch.setattr(planning, "available_memory_bytes", lambda: None)  # unknown: no refusal
-    assert planning.plan_summary(huge, DIGITS, before_training=True)["budget"] == 10**12
+    assert methods.plan_summary(huge, DIGITS, before_training=True)["budget"] == 10**12
 
 
 def test_available_memory_is_read_from_this_machine():

@@ -3,7 +3,7 @@ import torch
 from ensemble.data import load_data
 from ensemble.grouping import shared_pairs, unshare_coefficients
 from ensemble.loop import fit
-from ensemble.model import build_ensemble
+from ensemble.methods import build_ensemble
 from ensemble.training import make_optimizer, train_step
 
 from .conftest import cfg

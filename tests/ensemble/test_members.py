@@ -21,8 +21,8 @@ from core.slots import SLOT_TYPES, trace_slots
 from ensemble.config import load_config
 from ensemble.data import dataset_info
 from ensemble.members.mlp import GRID
-from ensemble.model import StackedEnsemble, SuperWeightEnsemble, build_ensemble
-from ensemble.planning import plan_summary
+from ensemble.methods import build_ensemble, plan_summary
+from ensemble.model import StackedEnsemble, SuperWeightEnsemble
 from ensemble.registry import create_model, list_models
 
 MODELS = list_models()

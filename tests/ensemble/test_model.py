@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from ensemble.model import StackedEnsemble, SuperWeightEnsemble, build_ensemble, member_labels
+from ensemble.methods import build_ensemble
+from ensemble.model import StackedEnsemble, SuperWeightEnsemble, member_labels
 
 from .conftest import DIGITS, cfg
 

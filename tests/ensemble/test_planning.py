@@ -4,7 +4,8 @@ import pytest
 
 from core.errors import SuperweightsError
 from core.plan import minimum_budget
-from ensemble.planning import make_plan, member_slots, plan_summary
+from ensemble.methods import make_plan, plan_summary
+from ensemble.planning import member_slots
 
 from .conftest import CIFAR10, DIGITS, cfg
 

@@ -6,9 +6,9 @@ import torch
 
 from core.flops import module_flops
 from core.ssn import SSNPlan
-from ensemble.model import StackedEnsemble, SuperWeightEnsemble, build_ensemble
+from ensemble.methods import build_ensemble
+from ensemble.model import SSNEnsemble, StackedEnsemble, SuperWeightEnsemble
 from ensemble.ssn_model import (
-    SSNEnsemble,
     build_ssn_ensemble,
     kmeans_groups,
     learned_ssn_groups,
@@ -109,7 +109,7 @@ def test_learned_groups_are_deterministic_and_cover_every_slot(config):
 def test_summary_counts_upsampled_slots_and_high_budgets_upsample_none():
     """At budgets where every group holds at least each of its slots, no slot is upsampled: repeat, mask and
     inter then build the same model (the comparison reports them as one), and the summary says so."""
-    from ensemble.planning import plan_summary
+    from ensemble.methods import plan_summary
 
     def summary(budget, upsample):
         return plan_summary(cfg(MEMBERS, 'bank.method="ssn"', f"bank.budget={budget}", f'bank.upsample="{upsample}"'),

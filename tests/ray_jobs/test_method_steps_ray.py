@@ -16,7 +16,7 @@ from core.ssn import SSNPlan
 from ensemble.config import load_config
 from ensemble.data import dataset_info
 from ensemble.loop import fit
-from ensemble.model import build_ensemble
+from ensemble.methods import build_ensemble
 from ray_jobs.cli import main as cli_main
 from ray_jobs.driver import RayOptions, train
 

@@ -16,7 +16,7 @@ from ensemble.checkpoint import load_checkpoint
 from ensemble.config import load_config
 from ensemble.data import dataset_info
 from ensemble.loop import fit
-from ensemble.planning import plan_summary
+from ensemble.methods import plan_summary
 from ray_jobs import cli
 from ray_jobs.driver import RayOptions, train
 from ray_jobs.parallel import available_cpus, partition_members, resolve_layout
