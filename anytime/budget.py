@@ -5,12 +5,16 @@ A budget is a frozen dataclass (hashable: the micro-batcher groups requests whos
 * `Budget()` (`UNLIMITED`): the whole schedule;
 * `FlopsBudget(flops)`: the longest schedule prefix within `flops` per-image FLOPs (never exceeded);
 * `DeadlineBudget(ms, flops=None)`: a step starts only if its measured time fits in `ms` milliseconds (the first
-  step always runs), optionally also capped at `flops` per-image FLOPs.
+  step always runs), optionally also capped at `flops` per-image FLOPs;
+* `MeanFlopsBudget(mean_flops)`: per-input early exit at the confidence level fitted (on the validation split)
+  for at most `mean_flops` FLOPs per image on average (`anytime.early_exit`);
+* `ConfidenceBudget(confidence)`: per-input early exit at that level (an input stops after the first step whose
+  confidence is above it; 1 = the full schedule, 0 = the first step only).
 
-The predictor reads only `max_flops` and `deadline_ms`; `after(ms)` is the budget left once `ms` have passed
-(the server subtracts queueing time and its response margin). A new kind (e.g. issue 15's `mean_flops` or
-`confidence`) is a subclass with its own fields and properties, registered in `KINDS` under the key a request
-names it by (`{"flops": F}`, `{"ms": T}`).
+The predictor reads `max_flops`, `deadline_ms`, `mean_flops_target` and `exit_confidence`; `after(ms)` is the
+budget left once `ms` have passed (the server subtracts queueing time and its response margin). A new kind is a
+subclass with its own fields and properties, registered in `KINDS` under the key a request names it by
+(`{"flops": F}`, `{"ms": T}`, `{"mean_flops": F}`, `{"confidence": c}`).
 """
 
 from __future__ import annotations
@@ -38,6 +42,16 @@ class Budget:
     @property
     def deadline_ms(self) -> float | None:
         """Milliseconds from the start of the run by which it should be done (None: no deadline)."""
+        return None
+
+    @property
+    def mean_flops_target(self) -> float | None:
+        """Mean per-image FLOPs the early-exit level is chosen for (None: no early exit by mean FLOPs)."""
+        return None
+
+    @property
+    def exit_confidence(self) -> float | None:
+        """The confidence level above which an input stops early (None: no per-input early exit)."""
         return None
 
     def after(self, elapsed_ms: float) -> Budget:
@@ -90,7 +104,41 @@ class DeadlineBudget(Budget):
         return dataclasses.replace(self, ms=self.ms - elapsed_ms)
 
 
-KINDS: dict[str, type[Budget]] = {kind.key: kind for kind in (FlopsBudget, DeadlineBudget)}
+@dataclass(frozen=True)
+class MeanFlopsBudget(Budget):
+    """Per-input early exit whose level keeps the validation mean at or below `mean_flops` FLOPs per image."""
+
+    key: ClassVar[str] = "mean_flops"
+    unit: ClassVar[str] = "FLOPs per image on average"
+    mean_flops: float
+
+    @property
+    def mean_flops_target(self) -> float:
+        return self.mean_flops
+
+
+@dataclass(frozen=True)
+class ConfidenceBudget(Budget):
+    """Per-input early exit: an input stops after the first step whose confidence is above `confidence`."""
+
+    key: ClassVar[str] = "confidence"
+    unit: ClassVar[str] = "(a probability)"
+    confidence: float
+
+    @property
+    def exit_confidence(self) -> float:
+        return self.confidence
+
+    @classmethod
+    def requested(cls, value: float) -> Budget:
+        if not (math.isfinite(value) and 0 <= value <= 1):
+            raise SuperweightsError(f"budget.confidence must be a number in [0, 1] (1: the whole schedule, 0: the "
+                                    f"first step only), got {value:g}")
+        return cls(value)
+
+
+KINDS: dict[str, type[Budget]] = {kind.key: kind for kind in (FlopsBudget, DeadlineBudget, MeanFlopsBudget,
+                                                              ConfidenceBudget)}
 
 
 def budget_of(flops: float | None = None, ms: float | None = None) -> Budget:

@@ -3,8 +3,9 @@ Ray Serve wraps it (`ray_jobs.serve`). The model, validation and micro-batching 
 (`anytime.serve_service`); the wire format is `anytime.serve_schemas`. Routes:
 
 * `POST /predict` `{"inputs": (N, C, H, W) nested lists in the loader's scale ([0, 1], un-normalised),
-  "budget": {"flops": F} | {"ms": T} | null}` -> `{"predictions", "probabilities", "steps", "flops",
-  "elapsed_ms", "deadline_met", "batch_images"}`.
+  "budget": {"flops": F} | {"ms": T} | {"mean_flops": F} | {"confidence": c} | null}` -> `{"predictions",
+  "probabilities", "steps", "flops", "image_steps", "image_flops", "confidence", "elapsed_ms", "deadline_met",
+  "batch_images"}`.
 * `GET /health`, `GET /model` (members, exits, the schedule with cumulative FLOPs, useful budget range, the
   checkpoint's name and sha256 content hashes: never a filesystem path).
 
@@ -58,8 +59,11 @@ DESCRIPTION = """Anytime predictions of a SuperWeight ensemble with early exits 
 
 `POST /predict` runs the longest prefix of the model's schedule (see `GET /model`) that fits the budget:
 `{"flops": F}` per image (never exceeded; below the first step's FLOPs is a 422), `{"ms": T}` a deadline from
-the request's arrival (a step starts only if its measured time fits; the first step always runs) or `null`
-(the whole schedule). The body must be `Content-Type: application/json`. Errors are JSON `{"detail": "..."}`:
+the request's arrival (a step starts only if its measured time fits; the first step always runs),
+`{"mean_flops": F}` per-input early exit at the confidence level fitted on validation data for an average of F
+FLOPs per image, `{"confidence": c}` per-input early exit at level c in [0, 1] (an image stops after the first
+step whose ensemble confidence is above c), or `null` (the whole schedule). Responses report, per image, the
+steps it ran (`image_steps`) and its FLOPs (`image_flops`). The body must be `Content-Type: application/json`. Errors are JSON `{"detail": "..."}`:
 400 malformed JSON, 413 too large, 415 not application/json, 422 invalid, 503 busy or a non-finite model
 output."""
 

@@ -59,27 +59,36 @@ def _Rows(t):  # noqa: N802  (a type factory) - one nesting level; stop at the f
 
 
 # How messages name each budget kind's JSON form (in `anytime.budget.KINDS` order).
-_FORMS = {"flops": '{"flops": F}', "ms": '{"ms": T}'}
+_FORMS = {"flops": '{"flops": F}', "ms": '{"ms": T}', "mean_flops": '{"mean_flops": F}',
+          "confidence": '{"confidence": c}'}
+_RANGES = {"confidence": {"minimum": 0, "maximum": 1}}  # the other kinds: a number > 0
 
 
 def _one_object_per_kind(schema: dict[str, Any]) -> None:
-    """Document the budget as it is accepted: exactly one of its keys, a number > 0."""
+    """Document the budget as it is accepted: exactly one of its keys, a number > 0 (confidence: in [0, 1])."""
     props = schema.pop("properties")
     schema.pop("type", None)
     schema.pop("additionalProperties", None)
     schema["oneOf"] = [
         {"title": KINDS[key].__name__, "type": "object", "additionalProperties": False, "required": [key],
-         "properties": {key: {"title": prop["title"], "type": "number", "exclusiveMinimum": 0,
-                              "description": prop["description"]}}}
+         "properties": {key: {"title": prop["title"], "type": "number",
+                              **_RANGES.get(key, {"exclusiveMinimum": 0}), "description": prop["description"]}}}
         for key, prop in props.items()]
 
 
 class BudgetBody(BaseModel):
-    """A budget: one of its keys with a number > 0, or null (instead of this object) for the whole schedule."""
+    """A budget: one of its keys with a number (> 0; confidence in [0, 1]), or null (instead of this object) for
+    the whole schedule."""
 
     model_config = ConfigDict(extra="forbid", json_schema_extra=_one_object_per_kind)
     flops: _Number | None = Field(None, description="per-image FLOPs; at least the first step's (see GET /model)")
     ms: _Number | None = Field(None, description="deadline in milliseconds from the request's arrival")
+    mean_flops: _Number | None = Field(
+        None, description="per-input early exit: average FLOPs per image the thresholds were fitted for on "
+                          "validation data (easy images stop early, hard ones run longer); at least the first step's")
+    confidence: _Number | None = Field(
+        None, description="per-input early exit: an image stops after the first step whose ensemble confidence "
+                          "(max probability) is above this, in [0, 1] (1: the whole schedule, 0: the first step)")
 
     def to_budget(self) -> Budget:
         given = [key for key in KINDS if getattr(self, key) is not None]
@@ -102,14 +111,20 @@ class PredictRequest(BaseModel):
                     "not normalised: the model normalises)")
     budget: BudgetBody | None = Field(
         title="Budget",
-        description="{'flops': F} per image, {'ms': T} deadline, or null for the whole schedule (required)")
+        description="{'flops': F} per image, {'ms': T} deadline, {'mean_flops': F} or {'confidence': c} per-input "
+                    "early exit, or null for the whole schedule (required)")
 
 
 class PredictResponse(BaseModel):
     predictions: list[int] = Field(description="argmax class per image")
     probabilities: list[list[float]] = Field(description="(N, classes) mean softmax of the started members")
-    steps: list[tuple[int, int]] = Field(description="(member index, exit index) run, in order")
-    flops: int = Field(description="per-image FLOPs spent (never above a FLOPs budget)")
+    steps: list[tuple[int, int]] = Field(description="(member index, exit index) run, in order (by the images of "
+                                                     "this request that ran longest)")
+    flops: int = Field(description="per-image FLOPs of the images that ran longest (never above a FLOPs budget)")
+    image_steps: list[int] = Field(description="per image, the schedule steps it ran (its prefix length)")
+    image_flops: list[int] = Field(description="per image, its FLOPs (never above the full schedule's)")
+    confidence: float | None = Field(description="the early-exit confidence level used (mean_flops/confidence "
+                                                 "budgets), else null")
     elapsed_ms: float = Field(description="server time from arrival to prediction")
     deadline_met: bool | None = Field(description="elapsed_ms <= ms for a deadline, else null")
     batch_images: int = Field(description="images in the micro-batch that served this request")

@@ -157,6 +157,12 @@ class AnytimeService:
                 "ms": {"min": round(times[0] + margin, 3), "max": round(sum(times) + margin, 3),
                        "note": "estimates for one image on an idle server: below min only the first step runs "
                                "(and the deadline may be missed), above max every step runs"},
+                "mean_flops": ({"min": p.table[0]["bound"], "max": p.table[-1]["bound"],
+                                "note": "average per image (per-input early exit at the level fitted on validation "
+                                        "data); below min is an error, above max runs the whole schedule"}
+                               if p.table else None),
+                "confidence": {"min": 0, "max": 1, "score": p.score,
+                               "note": "per-input early exit: an image stops once its confidence is above this"},
             },
             "limits": {"max_body_bytes": self.settings.max_body_bytes, "max_images": self.settings.max_images,
                        "max_batch_images": self.settings.max_batch_images,
@@ -181,7 +187,7 @@ class AnytimeService:
         s = self.settings
         x, budget = parse_request(body, self.input_shape, s.max_images, s.input_range)
         try:
-            self.predictor.prefix_for_budget(budget.max_flops)
+            self.predictor.check_budget(budget)
         except SuperweightsError as e:
             raise ApiError(422, str(e)) from None
         return x, budget
@@ -193,21 +199,24 @@ class AnytimeService:
         if budget.deadline_ms is not None:
             budget = budget.after((time.perf_counter() - min(it.t0 for it in items)) * 1e3 + self.margin_ms)
         pred = self.predictor.predict(x, budget=budget)
-        self.predictor.observe(x, len(pred.steps), pred.elapsed_ms)
+        if pred.level is None:  # early-exit runs shrink their batch: not comparable with the step times
+            self.predictor.observe(x, len(pred.steps), pred.elapsed_ms)
         probs = pred.probs.float().cpu()
         finite = torch.isfinite(probs).all(-1)  # per image: eval-mode rows are independent of each other
-        steps = [list(s) for s in pred.steps]
         out, start = [], 0
         for it in items:
             rows = slice(start, start + len(it.x))
             start += len(it.x)
+            n = max(pred.image_steps[rows])  # this request's longest-running image
+            steps = [list(s) for s in self.predictor.steps[:n]]
             if not bool(finite[rows].all()):
                 self._nonfinite(budget, int((~finite[rows]).sum()), len(it.x), steps)
                 out.append(ApiError(503, NONFINITE_OUTPUT))
                 continue
             p = probs[rows]
             out.append({"predictions": p.argmax(-1).tolist(), "probabilities": p.tolist(), "steps": steps,
-                        "flops": int(pred.flops), "batch_images": len(x)})
+                        "flops": int(self.predictor.cumulative_flops[n - 1]), "image_steps": pred.image_steps[rows],
+                        "image_flops": pred.image_flops[rows], "confidence": pred.level, "batch_images": len(x)})
         done = time.perf_counter()
         return [(o, done) for o in out]
 

@@ -3,14 +3,16 @@ against each other on every load; and the checks and content hashes of the files
 
 The training pipeline writes the record into the final checkpoint; folders without it (intermediate epoch
 checkpoints, older runs, `ensemble.loop.fit` without `finish`) get it computed on first use here (FLOPs are
-measured once per plan, the greedy schedule needs the validation split) and cached in the folder when it is
-writable.
+measured once per plan, the greedy schedule and the fitted parts need the validation split) and cached in the
+folder when it is writable; a record written before the fitted parts existed gets them fitted along its own
+schedule (`anytime.record.fitted_parts`), cached the same way.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +26,18 @@ from ensemble.config import Config
 from ensemble.data import DatasetInfo, load_data
 from ensemble.model import StackedEnsemble
 
-from .record import ANYTIME_FILE, anytime_record, check_record, record_steps, write_record
+from .record import (
+    ANYTIME_FILE,
+    anytime_record,
+    check_record,
+    exit_logits,
+    fitted_parts,
+    is_fitted,
+    record_steps,
+    write_record,
+)
+
+log = logging.getLogger("superweights.anytime")
 
 
 @dataclass
@@ -41,28 +54,50 @@ class AnytimeCheckpoint:
 
 
 def load_anytime(folder, device: str | torch.device = "cpu", write: bool = True) -> AnytimeCheckpoint:
-    """Checkpoint + its anytime record (computed and cached when anytime.json is missing)."""
+    """Checkpoint + its anytime record (computed and cached when anytime.json is missing; an older record without
+    the fitted combiner, calibration and early exit gets them fitted on the validation split, and cached)."""
     config, info, model, metrics = load_checkpoint(folder, device)
     check_finite(model.state_dict(), str(Path(folder) / FILES[0]))  # evaluate, like serve, refuses NaN weights
     path = Path(folder) / ANYTIME_FILE
+    record = None
     if path.is_file():
         try:
             record = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise SuperweightsError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
-    else:
-        val = None
-        if config.anytime.schedule == "greedy":
-            t = config.train
-            val = load_data(config.data, t.seed, t.batch_size, t.eval_batch_size).val
+        if not isinstance(record, dict):
+            raise SuperweightsError(f"{path} is malformed (not a JSON object)")
+        check_record(record, model, config, info, str(path))  # before anything is fitted along it
+        if is_fitted(record):
+            return AnytimeCheckpoint(config, info, model, metrics, record)
+    val = _validation(config, required=record is None and config.anytime.schedule == "greedy")
+    if record is None:
         record = anytime_record(model, config, info, val, device)
-        if write:
-            try:
-                write_record(folder, record)
-            except OSError:
-                pass  # read-only checkpoint: the record is recomputed next time
+    elif val is not None:
+        logits, labels = exit_logits(model, val, device)
+        record = {**record, **fitted_parts(record_steps(record), record["step_flops"], logits, labels)}
+    else:
+        return AnytimeCheckpoint(config, info, model, metrics, record)  # nothing new to cache
+    if write:
+        try:
+            write_record(folder, record)
+        except OSError:
+            pass  # read-only checkpoint: the record is recomputed next time
     check_record(record, model, config, info, str(path))
     return AnytimeCheckpoint(config, info, model, metrics, record)
+
+
+def _validation(config: Config, required: bool):
+    """The validation split the fitted parts (and a greedy schedule) need; unless `required`, None when it cannot
+    be loaded (e.g. a CIFAR folder missing here): the record keeps the plain combiner, without early-exit table."""
+    t = config.train
+    try:
+        return load_data(config.data, t.seed, t.batch_size, t.eval_batch_size).val
+    except SuperweightsError as e:
+        if required:
+            raise
+        log.warning("anytime: no validation data to fit the combiner and the early exit on (%s)", e)
+        return None
 
 
 def nonfinite_tensors(state: Mapping[str, Tensor]) -> list[str]:

@@ -1,6 +1,7 @@
 """Serving benchmark (issue 8): a real `superweights serve` (uvicorn, a subprocess on a loopback port; with
 --ray also Ray Serve on a private local cluster) under CLIENTS concurrent clients for DURATION seconds per
-budget kind (none, a mid-schedule FLOPs budget, 5 ms and 20 ms deadlines).
+budget kind (none, a mid-schedule FLOPs budget, 5 ms and 20 ms deadlines, and the per-input early exit of
+issue 15: a mid-range `mean_flops` budget and `confidence` 0.9).
 
 Reports client latency p50/p99, throughput, errors (must be 0), FLOPs budget violations (must be 0), the
 server-reported elapsed time and, for deadlines of 20 ms and more, checks p99 elapsed <= deadline + 5 ms.
@@ -28,6 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from anytime.budget import KINDS, UNLIMITED  # noqa: E402
 from anytime.predictor import AnytimePredictor  # noqa: E402
 from anytime.store import load_anytime  # noqa: E402
 from bench.common import ROOT, write_section  # noqa: E402
@@ -105,7 +107,7 @@ def wait_healthy(url: str, timeout: float = 180) -> None:
 
 
 async def load(url: str, bodies: list[bytes], budget: dict | None, clients: int, duration: float,
-               timeout: float = 10.0) -> dict:
+               full_flops: float, timeout: float = 10.0) -> dict:
     import httpx
 
     lat, elapsed, steps, batch, met = [], [], [], [], []
@@ -132,9 +134,11 @@ async def load(url: str, bodies: list[bytes], budget: dict | None, clients: int,
                 continue
             lat.append(dt)
             elapsed.append(out["elapsed_ms"])
-            steps.append(len(out["steps"]))
+            steps.append(statistics.mean(out["image_steps"]))
             batch.append(out["batch_images"])
             if budget and "flops" in budget and out["flops"] > budget["flops"]:
+                violations += 1
+            if max(out["image_flops"]) > full_flops:  # no image ever above the full schedule
                 violations += 1
             if out["deadline_met"] is not None:
                 met.append(out["deadline_met"])
@@ -164,11 +168,19 @@ def sequential_p50(url: str, body: bytes, n: int) -> float:
     return statistics.median(times)
 
 
-def direct_p50(pred: AnytimePredictor, x: torch.Tensor, flops, n: int) -> float:
-    times = []
+def typed(budget: dict | None):
+    """The `anytime.budget.Budget` a request's budget object becomes (as the server parses it)."""
+    if budget is None:
+        return UNLIMITED
+    (key, value), = budget.items()
+    return KINDS[key].requested(float(value))
+
+
+def direct_p50(pred: AnytimePredictor, x: torch.Tensor, budget: dict | None, n: int) -> float:
+    times, b = [], typed(budget)
     for i in range(n + 10):
         t = time.perf_counter()
-        pred.predict(x, budget_flops=flops)
+        pred.predict(x, budget=b)
         if i >= 10:
             times.append((time.perf_counter() - t) * 1e3)
     return statistics.median(times)
@@ -177,10 +189,11 @@ def direct_p50(pred: AnytimePredictor, x: torch.Tensor, flops, n: int) -> float:
 def bench_server(name: str, url: str, kinds: list[tuple[str, dict | None]], inputs: list[torch.Tensor],
                  args, pred: AnytimePredictor) -> tuple[list[str], list[str], bool]:
     rows, over, ok = [], [], True
-    for label, budget in kinds:
+    full = pred.cumulative_flops[-1]
+    for label, budget in ([] if args.skip_load else kinds):
         bodies = [json.dumps({"inputs": x.tolist(), "budget": budget}).encode() for x in inputs]
-        asyncio.run(load(url, bodies, budget, args.clients, min(1.0, args.duration)))  # warm-up
-        r = asyncio.run(load(url, bodies, budget, args.clients, args.duration))
+        asyncio.run(load(url, bodies, budget, args.clients, min(1.0, args.duration), full))  # warm-up
+        r = asyncio.run(load(url, bodies, budget, args.clients, args.duration, full))
         checks = []
         if r["errors"]:
             checks.append("errors")
@@ -200,7 +213,9 @@ def bench_server(name: str, url: str, kinds: list[tuple[str, dict | None]], inpu
         x = inputs[0]
         body = json.dumps({"inputs": x.tolist(), "budget": budget}).encode()
         http = sequential_p50(url, body, args.sequential)
-        direct = direct_p50(pred, x, budget.get("flops") if budget else None, args.sequential)
+        direct = direct_p50(pred, x, budget, args.sequential)
+        http = min(http, sequential_p50(url, body, args.sequential))  # interleaved twice: the quieter run
+        direct = min(direct, direct_p50(pred, x, budget, args.sequential))
         over.append(f"| {name} | {label} | {direct:.3f} | {http:.3f} | {http - direct:.3f} |")
         print(over[-1], flush=True)
     return rows, over, ok
@@ -217,6 +232,7 @@ def main() -> int:
                     help="torch threads of the server and of the direct predictor (default: 1, as `serve`)")
     ap.add_argument("--sequential", type=int, default=300, help="requests for the overhead measurement")
     ap.add_argument("--ray", action="store_true", help="also benchmark Ray Serve (private local cluster, ~20 s start)")
+    ap.add_argument("--skip-load", action="store_true", help="only the overhead measurement (no concurrent load)")
     ap.add_argument("--write", action="store_true", help="update the serve section of BENCHMARKS.md")
     args = ap.parse_args()
     if args.duration <= 0 or args.clients < 1 or args.images < 1:
@@ -229,7 +245,10 @@ def main() -> int:
         pred = AnytimePredictor.from_checkpoint(ck)
         mid = pred.cumulative_flops[(len(pred.steps) - 1) // 2]
         kinds = [("none (whole schedule)", None), (f"flops {mid / 1e6:.2f} M", {"flops": mid}),
-                 ("ms 5", {"ms": 5.0}), ("ms 20", {"ms": 20.0})]
+                 ("ms 5", {"ms": 5.0}), ("ms 20", {"ms": 20.0}), ("confidence 0.9", {"confidence": 0.9})]
+        if pred.table:  # per-input early exit at the level fitted for half the schedule's FLOPs on average
+            mean = (pred.table[0]["bound"] + pred.table[-1]["bound"]) / 2
+            kinds.append((f"mean_flops {mean / 1e6:.2f} M", {"mean_flops": mean}))
         g = torch.Generator().manual_seed(0)
         inputs = [torch.rand(args.images, ck.info.in_channels, *ck.info.image_size, generator=g) for _ in range(64)]
         header = [f"torch {torch.__version__}, {platform.machine()}, {os.cpu_count()} CPUs, {args.threads} torch "

@@ -1,5 +1,9 @@
 """`superweights` command line: plan, train, evaluate, compare, serve, models.
 
+This file is the parser and the dispatch; each command's own options and work live with the command
+(`ray_jobs.train`, `ray_jobs.serve`, `ray_jobs.compare`), the text tables in `ray_jobs.formatting`.
+`ray` and `mlflow` are only imported by the commands that use them.
+
 Every user mistake ends as one line on stderr (`superweights: error: ...`) and exit code 2; a
 traceback means a bug in superweights, never in the user's input.
 """
@@ -9,10 +13,24 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
+from anytime.evaluate import format_table, run_evaluation
 from core.errors import SuperweightsError
+from ensemble import members as _members  # noqa: F401  (registers every architecture for `models`)
+from ensemble.checkpoint import load_plan
+from ensemble.config import load_config
+from ensemble.data import dataset_info
+from ensemble.methods import plan_summary
+from ensemble.registry import list_families, list_models
+from ensemble.training import resolve_device, validate_device
 
+from . import serve, train
+from .compare import ChildResources, build_report, compare, format_markdown, write_report
+from .durable import require_durable
 from .exit_codes import interrupt_on_sigterm, run_guarded
+from .formatting import format_plan
+from .tracking import check_tracking_uri, default_tracking_uri
 
 DESCRIPTION = """One shared SuperWeight bank generates the weights of several heterogeneous networks
 (an ensemble) under an exact parameter budget. Configs are TOML files (see configs/); any key can be
@@ -45,9 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "replicas), validate each epoch, test at the end, checkpoint to "
                                    "<storage-path>/<name> (rerun with the same --name to resume), log to MLflow, and "
                                    "copy weights.safetensors, plan.json, config.json and metrics.json to --out.")
-    from .train import add_train_arguments
-
-    add_train_arguments(p)
+    train.add_train_arguments(p)
 
     sub.add_parser("models", help="list the registered member architectures")
 
@@ -84,9 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="anytime evaluation of a checkpoint (accuracy vs FLOPs, subsets, exits)",
                        description="Evaluate a checkpoint folder along its anytime schedule: accuracy, NLL, ECE and "
-                                   "disagreement vs cumulative FLOPs, every member subset, every exit, and the "
-                                   "normalised area under the accuracy-FLOPs curve. Writes anytime.csv, subsets.csv, "
-                                   "exits.csv, anytime.png and summary.json to --out.")
+                                   "disagreement vs cumulative FLOPs (fitted combiner and plain mean, calibrated and "
+                                   "not), the budgeted-batch curve (per-input early exit: accuracy vs mean FLOPs), "
+                                   "every member subset, every exit, and the normalised area under the accuracy-FLOPs "
+                                   "curves. Writes anytime.csv, budgeted.csv, subsets.csv, exits.csv, anytime.png and "
+                                   "summary.json to --out.")
     p.add_argument("checkpoint", help="checkpoint folder written by `superweights train`")
     p.add_argument("--split", default="test", help="val or test (default: test)")
     p.add_argument("--out", "-o", help="output folder (default: CHECKPOINT/anytime-SPLIT)")
@@ -97,15 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "over HTTP: POST /predict with a FLOPs budget or a deadline, GET /model, GET /health, "
                                    "OpenAPI docs at /docs. uvicorn by default; --ray deploys on Ray Serve. "
                                    "See the README, \"Serving anytime predictions\".")
-    from .serve import add_serve_arguments
-
-    add_serve_arguments(p)
+    serve.add_serve_arguments(p)
     return parser
 
 
 def _load(args):
-    from ensemble.config import load_config
-
     overrides = list(args.overrides)
     if getattr(args, "download", False):
         overrides.append("data.download=true")
@@ -113,12 +127,7 @@ def _load(args):
 
 
 def cmd_plan(args) -> int:
-    from ensemble.data import dataset_info
-    from ensemble.planning import plan_summary
-
     if args.checkpoint:
-        from ensemble.checkpoint import load_plan
-
         config, info, plan = load_plan(args.checkpoint)  # checked against its config.json: one line if not
         summary = plan_summary(config, info, plan)
     else:
@@ -132,89 +141,30 @@ def cmd_plan(args) -> int:
     return 0
 
 
-def format_plan(s: dict) -> str:
-    lines = [f"dataset {s['dataset']} {tuple(s['input_shape'])}, {s['num_classes']} classes; method {s['method']}", ""]
-    lines.append(f"{'member':<16}{'params':>14}{'MFLOPs/image':>16}")
-    for m in s["members"]:
-        lines.append(f"{m['name']:<16}{m['params']:>14,}{m['flops'] / 1e6:>16.2f}")
-    full = s["full_ensemble_params"]
-    lines += [
-        "",
-        f"{'budget (bank parameters)':<34}{s['budget']:>14,}",
-        f"{'bank_params':<34}{s['bank_params']:>14,}",
-        f"{'coefficient_params':<34}{s['coefficient_params']:>14,}",
-        f"{'private_params (norms, biases)':<34}{s['private_params']:>14,}",
-        f"{'total_params':<34}{s['total_params']:>14,}  ({100 * s['total_params'] / full:.1f}% of full)",
-        f"{'full_ensemble_params':<34}{full:>14,}",
-    ]
-    if "coefficient_sets" in s:
-        lines.append(f"grouping {s['grouping']}: {len(s['groups'])} groups; {s['coefficient_sets']} coefficient sets, "
-                     f"{s['shared_slot_pairs']} slot pairs sharing coefficients")
-    if s["groups"] and "blocks" not in s["groups"][0]:  # SSN: each group is one flat vector
-        lines += ["", f"SSN upsample {s['upsample']}", f"{'group':>5}{'slots':>7}{'params':>12}"]
-        lines += [f"{g['id']:>5}{len(g['slots']):>7}{g['params']:>12,}" for g in s["groups"]]
-    elif s["groups"]:
-        lines += ["", f"{'group':>5}  {'kind':<10}{'slots':>6}{'blocks':>7}{'templates':>10}{'params':>12}"]
-        for g in s["groups"]:
-            lines.append(
-                f"{g['id']:>5}  {g['kind']:<10}{len(g['slots']):>6}{len(g['blocks']):>7}"
-                f"{sum(b['templates'] for b in g['blocks']):>10}{sum(b['params'] for b in g['blocks']):>12,}"
-            )
-    return "\n".join(lines)
-
-
-def format_metrics(metrics: dict) -> str:
-    lines = [f"{'':<18}{'test acc':>10}{'NLL':>9}"]
-    for name, m in metrics["members"].items():
-        lines.append(f"{name:<18}{m['accuracy']:>10.4f}{m['nll']:>9.4f}")
-    e = metrics["ensemble"]
-    lines.append(f"{'ensemble (mean)':<18}{e['accuracy']:>10.4f}{e['nll']:>9.4f}   "
-                 f"ECE {e['ece']:.4f}  disagreement {e['disagreement']:.4f}")
-    return "\n".join(lines)
-
-
 def cmd_train(args) -> int:
-    from .train import run_from_args
-
-    return run_from_args(args)
+    return train.run_from_args(args)
 
 
 def cmd_models(args) -> int:
-    from ensemble import members as _members  # noqa: F401
-    from ensemble.registry import list_families, list_models
-
     print("\n".join(list_models()))
     print("families (any valid combination): " + ", ".join(list_families()))
     return 0
 
 
 def cmd_evaluate(args) -> int:
-    from anytime.evaluate import format_table, run_evaluation
-    from ensemble.training import resolve_device
-
     device = str(resolve_device(args.device))  # validate_device first: before the checkpoint is read
     result, out = run_evaluation(args.checkpoint, args.split, args.out, device)
     print(format_table(result))
-    print(f"\nwrote anytime.csv, subsets.csv, exits.csv, anytime.png, summary.json to {out}")
+    print(f"\nwrote anytime.csv, budgeted.csv, subsets.csv, exits.csv, anytime.png, summary.json to {out}")
     return 0
 
 
 def cmd_serve(args) -> int:
-    from .serve import run_from_args
-
-    return run_from_args(args, log=lambda s: print(s, flush=True))
+    return serve.run_from_args(args, log=lambda s: print(s, flush=True))
 
 
 def cmd_compare(args) -> int:
-    from pathlib import Path
-
-    from .compare import ChildResources, build_report, compare, format_markdown, write_report
-    from .durable import require_durable
-    from .tracking import check_tracking_uri, default_tracking_uri
-
     if args.device is not None:
-        from ensemble.training import validate_device
-
         validate_device(args.device)  # before Ray or MLflow start; the children resolve it on their machines
     # A submitted job (`ray job submit --working-dir .`) runs in a temporary copy: nothing may land there.
     require_durable({"--out": args.out, "--tracking-uri": args.tracking_uri})

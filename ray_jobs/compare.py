@@ -116,7 +116,7 @@ def _ssn_variants(config: Config, asked: list[str]) -> list[str]:
     if len(asked) < 2 or config.bank.ssn_groups == "learned":
         return asked
     from ensemble.data import dataset_info
-    from ensemble.planning import plan_summary
+    from ensemble.methods import plan_summary
 
     return [WAVG_ONLY] if plan_summary(config, dataset_info(config.data))["upsampled_slots"] == 0 else asked
 
@@ -172,7 +172,7 @@ def _child_name(child: Child) -> str:
 def child_plan(child: Child) -> dict:
     """The child's plan summary; needs the dataset's shape only, not its files (those are the task's business)."""
     from ensemble.data import dataset_info
-    from ensemble.planning import plan_summary
+    from ensemble.methods import plan_summary
 
     return plan_summary(child.config, dataset_info(child.config.data), before_training=True)
 
@@ -227,7 +227,9 @@ def log_child(uri: str, run_id: str, child: Child, summary: dict, result: dict) 
         logger.log_epoch(row["epoch"], row)
     logger.log_final(result["metrics"], total_epochs(child.config))
     metrics = {"total_params": summary["total_params"], "full_ensemble_params": summary["full_ensemble_params"],
-               "test_auc": result["summary"]["auc"]}
+               "test_auc": result["summary"]["auc"],
+               # issue 15: the anytime record's calibrated combiner (test_nll/test_ece: the plain mean, uncalibrated)
+               **{f"test_{k}_calibrated": result["summary"][k] for k in ("nll", "ece") if k in result["summary"]}}
     for k, v in metrics.items():
         logger.client.log_metric(run_id, k, float(v))
     for i, r in enumerate(result["anytime"]):  # the curve, readable back from MLflow alone
@@ -403,6 +405,10 @@ def build_report(uri: str, experiment: str, settings: dict[str, str] | None = No
             "accuracy_mean": round(acc, 4), "accuracy_std": round(acc_sd, 4),
             "nll": round(stat("test_nll")[0], 4), "ece": round(stat("test_ece")[0], 4),
             "auc": round(stat("test_auc")[0], 4),
+            **{f"{k}_calibrated": _mean_of(rs, f"test_{k}_calibrated") for k in ("nll", "ece")},
+            # weaker members or less diverse ones? (issue 17: read next to the ensemble's accuracy)
+            "member_accuracy": round(statistics.mean(_mean_member_accuracy(r) for r in rs), 4),
+            "disagreement": round(stat("test_disagreement")[0], 4),
         })
         first = min(rs, key=lambda r: int(r["tags.seed"]))
         acc_hist = client.get_metric_history(first["run_id"], "anytime_accuracy")
@@ -413,20 +419,36 @@ def build_report(uri: str, experiment: str, settings: dict[str, str] | None = No
     return {"rows": rows, "curves": curves, "reference_params": reference}
 
 
+def _mean_of(runs, key: str):
+    """The mean of metric `key` over the runs that logged it (rounded), "" when none did (older runs)."""
+    values = [float(r[f"metrics.{key}"]) for r in runs if f"metrics.{key}" in r and r[f"metrics.{key}"] == r[f"metrics.{key}"]]
+    return round(statistics.mean(values), 4) if values else ""
+
+
+def _mean_member_accuracy(run) -> float:
+    """The mean test accuracy of one run's members, each alone (its `test_accuracy.<member>` metrics; the
+    search's frame has every member column of the experiment, NaN where a run has no such member)."""
+    values = [float(v) for k, v in run.items() if k.startswith("metrics.test_accuracy.") and v == v]
+    return statistics.mean(values) if values else float("nan")
+
+
 def _order(variant: str) -> int:
     return 0 if variant == "superweights" else 1 if variant.startswith("ssn") else 2 if variant == "full" else 3
 
 
-COLUMNS = ["method", "budget", "seeds", "total_params", "pct_of_full", "accuracy_mean", "accuracy_std", "nll", "ece", "auc"]
+COLUMNS = ["method", "budget", "seeds", "total_params", "pct_of_full", "accuracy_mean", "accuracy_std",
+           "member_accuracy", "disagreement", "nll", "ece", "nll_calibrated", "ece_calibrated", "auc"]
 
 
 def format_markdown(report: dict) -> str:
-    lines = ["| method | budget | seeds | total params | % of full | ensemble accuracy | NLL | ECE | anytime AUC |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | budget | seeds | total params | % of full | ensemble accuracy | mean member accuracy "
+             "| disagreement | NLL | ECE | anytime AUC |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
         pct = f"{r['pct_of_full']:.1f}%" if r["pct_of_full"] != "" else ""
         lines.append(f"| {r['method']} | {r['budget']} | {r['seeds']} | {r['total_params']:,} | {pct} | "
-                     f"{r['accuracy_mean']:.4f} +- {r['accuracy_std']:.4f} | {r['nll']:.4f} | {r['ece']:.4f} | {r['auc']:.4f} |")
+                     f"{r['accuracy_mean']:.4f} +- {r['accuracy_std']:.4f} | {r['member_accuracy']:.4f} | "
+                     f"{r['disagreement']:.4f} | {r['nll']:.4f} | {r['ece']:.4f} | {r['auc']:.4f} |")
     return "\n".join(lines)
 
 

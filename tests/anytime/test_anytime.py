@@ -7,7 +7,7 @@ import torch
 
 from anytime.evaluate import normalized_auc, point_metrics, run_evaluation
 from anytime.predictor import AnytimePredictor
-from anytime.record import anytime_record
+from anytime.record import FITTED, anytime_record
 from anytime.schedule import explicit_schedule, greedy_schedule
 from anytime.store import load_anytime
 from core.errors import SuperweightsError
@@ -15,8 +15,8 @@ from core.flops import count_flops
 from ensemble.checkpoint import save_checkpoint
 from ensemble.data import DatasetInfo
 from ensemble.exits import ExitMember
-from ensemble.model import build_ensemble
-from ensemble.planning import example_input, make_plan, meta_members
+from ensemble.methods import build_ensemble, make_plan
+from ensemble.planning import example_input, meta_members
 from ensemble.training import exit_loss
 from ray_jobs.cli import main
 
@@ -30,9 +30,15 @@ def ckpt(exits_ckpt):
     return load_anytime(exits_ckpt[1])
 
 
+def plain(record: dict) -> dict:
+    """The record without its fitted parts: the predictor's combiner is then the plain mean of latest exits."""
+    return {k: v for k, v in record.items() if k not in FITTED}
+
+
 @pytest.fixture(scope="module")
 def predictor(ckpt):
-    return AnytimePredictor.from_checkpoint(ckpt)
+    """The plain-mean predictor (the fitted combiner is tested in test_early_exit.py)."""
+    return AnytimePredictor(ckpt.model, plain(ckpt.record))
 
 
 # -- exits in the model ---------------------------------------------------------------------------
@@ -185,7 +191,7 @@ def test_evaluate_cli_writes_files(exits_ckpt, tmp_path, capsys):
     out = tmp_path / "ev"
     assert main(["evaluate", str(exits_ckpt[1]), "--split", "val", "--out", str(out)]) == 0
     assert "AUC" in capsys.readouterr().out
-    for name in ("anytime.csv", "subsets.csv", "exits.csv", "anytime.png", "summary.json"):
+    for name in ("anytime.csv", "budgeted.csv", "subsets.csv", "exits.csv", "anytime.png", "summary.json"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0
     assert (out / "anytime.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len((out / "subsets.csv").read_text().splitlines()) == 1 + (2**2 - 1)
@@ -205,8 +211,9 @@ def test_full_baseline_without_anytime_json(tmp_path):
     assert (tmp_path / "full" / "anytime.json").is_file()
     x = torch.rand(3, 1, 8, 8)
     ck = load_anytime(tmp_path / "full")
+    assert {"combiner", "calibration", "early_exit"} <= set(ck.record)  # fitted on the validation split
     with torch.no_grad():
-        torch.testing.assert_close(AnytimePredictor.from_checkpoint(ck).predict(x).probs,
+        torch.testing.assert_close(AnytimePredictor(ck.model, plain(ck.record)).predict(x).probs,
                                    ck.model(x).softmax(-1).mean(1), atol=1e-5, rtol=0)
 
 

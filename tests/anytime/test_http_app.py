@@ -114,7 +114,7 @@ def test_predictions_equal_the_predictor_for_every_flops_budget(client, referenc
         assert_matches(out, reference, x, budget)
         assert out["deadline_met"] is None and out["elapsed_ms"] > 0
         assert set(out) == {"predictions", "probabilities", "steps", "flops", "elapsed_ms", "deadline_met",
-                            "batch_images"}
+                            "batch_images", "image_steps", "image_flops", "confidence"}
         assert all(math.isclose(sum(p), 1.0, abs_tol=1e-5) for p in out["probabilities"])
 
 
@@ -185,6 +185,14 @@ BAD = {
     "negative ms": (body(budget={"ms": -3.5}), 422, "budget.ms must be > 0"),
     "string flops": (body(budget={"flops": "1e6"}), 422, "budget.flops must be a finite number"),
     "bool ms": (body(budget={"ms": True}), 422, "budget.ms must be a finite number"),
+    "both early-exit kinds": (body(budget={"mean_flops": 1e6, "confidence": 0.5}), 422, "exactly one"),
+    "zero mean_flops": (body(budget={"mean_flops": 0}), 422, "budget.mean_flops must be > 0"),
+    "negative mean_flops": (body(budget={"mean_flops": -1}), 422, "budget.mean_flops must be > 0"),
+    "string mean_flops": (body(budget={"mean_flops": "5"}), 422, "budget.mean_flops must be a finite number"),
+    "confidence above 1": (body(budget={"confidence": 1.5}), 422, "budget.confidence must be a number in [0, 1]"),
+    "negative confidence": (body(budget={"confidence": -0.1}), 422, "budget.confidence must be a number in [0, 1]"),
+    "null confidence": (body(budget={"confidence": None}), 422, "exactly one"),
+    "bool confidence": (body(budget={"confidence": False}), 422, "budget.confidence must be a finite number"),
     "NaN ms": (b'{"inputs": ' + json.dumps(GOOD).encode() + b', "budget": {"ms": NaN}}', 422,
                "budget.ms must be a finite number"),
 }

@@ -162,7 +162,7 @@ def test_budgets_are_typed_hashable_values():
     # batch keys: equal budgets group, a FLOPs budget never groups with a deadline of the same number
     assert len({FlopsBudget(5.0), FlopsBudget(5.0), DeadlineBudget(5.0), Budget()}) == 3
     assert DeadlineBudget(10.0).after(4.0) == DeadlineBudget(6.0) and FlopsBudget(5).after(4.0) == FlopsBudget(5)
-    assert set(KINDS) == {"flops", "ms"} and KINDS["ms"] is DeadlineBudget
+    assert set(KINDS) == {"flops", "ms", "mean_flops", "confidence"} and KINDS["ms"] is DeadlineBudget
     assert FlopsBudget.requested(1e6) == FlopsBudget(1e6)
     with pytest.raises(SuperweightsError, match=r"budget.ms must be > 0 milliseconds, got -1"):
         DeadlineBudget.requested(-1.0)
@@ -191,8 +191,11 @@ def test_the_openapi_page_documents_the_schema_that_validates():
     assert schemas["PredictRequest"] == own and all(schemas[k] == v for k, v in own_defs.items())
     kinds = schemas["BudgetBody"]["oneOf"]
     assert [k["required"] for k in kinds] == [[key] for key in KINDS]
-    assert all(k["additionalProperties"] is False and "exclusiveMinimum" in k["properties"][k["required"][0]]
-               for k in kinds)
+    assert all(k["additionalProperties"] is False for k in kinds)
+    ranges = {k["required"][0]: {r: v for r, v in k["properties"][k["required"][0]].items() if "imum" in r}
+              for k in kinds}
+    assert ranges == {"flops": {"exclusiveMinimum": 0}, "ms": {"exclusiveMinimum": 0},
+                      "mean_flops": {"exclusiveMinimum": 0}, "confidence": {"minimum": 0, "maximum": 1}}
 
 
 def test_predictor_takes_a_typed_budget_or_the_keyword_shortcuts(exits_ckpt):

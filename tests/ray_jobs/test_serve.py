@@ -72,6 +72,7 @@ def one_line_error(p, text):
 
 def same_answer(a: dict, b: dict):
     assert a["steps"] == b["steps"] and a["flops"] == b["flops"] and a["predictions"] == b["predictions"]
+    assert a["image_steps"] == b["image_steps"] and a["image_flops"] == b["image_flops"]
     torch.testing.assert_close(torch.tensor(a["probabilities"]), torch.tensor(b["probabilities"]), atol=1e-5, rtol=0)
 
 
@@ -98,6 +99,18 @@ def test_cli_serves_a_checkpoint_and_stops_on_sigterm(ckpt, reference):
             ref = reference.predict(torch.tensor(payload(2)["inputs"]), budget_flops=budget)
             assert r.json()["steps"] == [list(s) for s in ref.steps]
             assert r.json()["predictions"] == ref.probs.argmax(-1).tolist()
+            from anytime.budget import ConfidenceBudget, MeanFlopsBudget
+
+            x8 = torch.tensor(payload(8, seed=4)["inputs"])
+            mean = (reference.cumulative_flops[0] + reference.cumulative_flops[-1]) / 2
+            for body, kind in (({"mean_flops": mean}, MeanFlopsBudget(mean)), ({"confidence": 0.8}, ConfidenceBudget(0.8))):
+                r = c.post("/predict", json=payload(8, body, seed=4))  # per-input early exit (issue 15)
+                assert r.status_code == 200, r.text
+                ref = reference.predict(x8, budget=kind)
+                assert r.json()["image_steps"] == ref.image_steps and r.json()["image_flops"] == ref.image_flops
+                assert r.json()["predictions"] == ref.probs.argmax(-1).tolist()
+            bad = c.post("/predict", json=payload(1, {"confidence": 2}))
+            assert bad.status_code == 422 and "budget.confidence must be a number in [0, 1]" in bad.json()["detail"]
             bad = c.post("/predict", content=b"{nope", headers={"content-type": "application/json"})
             assert bad.status_code == 400 and "Traceback" not in bad.text
             plain = c.post("/predict", content=json.dumps(payload(1)), headers={"content-type": "text/plain"})
@@ -231,8 +244,9 @@ def test_ray_serve_local_testing_mode_answers_as_uvicorn(ckpt, uvicorn_url, refe
     handle = serve.run(deployment(str(ckpt)), name="local-test",
                        _local_testing_mode=True)
     with httpx.Client(base_url=uvicorn_url, timeout=20) as c:
-        for budget in (None, {"flops": reference.cumulative_flops[1]}, {"flops": reference.cumulative_flops[3]}):
-            body = payload(3, budget, seed=7)
+        for budget in (None, {"flops": reference.cumulative_flops[1]}, {"flops": reference.cumulative_flops[3]},
+                       {"confidence": 0.8}, {"mean_flops": reference.cumulative_flops[2]}):
+            body = payload(6, budget, seed=7)
             same_answer(handle.predict.remote(body).result(), c.post("/predict", json=body).json())
         bad = payload(1, {"flops": 1})
         with pytest.raises(ApiError) as e:
