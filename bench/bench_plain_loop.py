@@ -1,0 +1,232 @@
+"""Issue 17 item 4: a plain PyTorch loop of the protocol's members, the reference our `full` ensemble must match.
+
+Same data tensors as `superweights train` (loaded through `ensemble.data.load_data` with the protocol config, so
+slice, validation split, image size and channel statistics are identical), same members (built with the
+project's registry: `ensemble/members/wrn.py`), same epochs, batch size, lr, momentum and weight decay. Nothing
+else of the project is used: the loop, the optimiser (SGD + Nesterov momentum, weight decay on every parameter,
+per-step cosine to 0), the augmentation (random crop with zero padding of 1/8 of the side + horizontal flip, on
+uint8 tensors), the init (WRN reference: Kaiming normal fan_out for convs, PyTorch default for the classifier)
+and the evaluation (mean of the members' softmax) are written out here.
+
+By default each member trains on its own (its own shuffle and augmentation stream, as separately trained
+networks would); `--joint` feeds every member the same batches (as our jointly trained ensemble does), which
+separates "joint batches cost diversity" from "our loop is weaker". Prints each member's and the ensemble's
+test accuracy and NLL and the seconds per epoch (all members).
+
+    python bench/bench_plain_loop.py --config configs/cifar10-cpu.toml [--set train.epochs=30] [--seed 0] [--joint]
+
+`--vs-ours` first runs our `full` ensemble through the product (`superweights train --workers 0`, same config,
+seed and threads), then this loop on the same batches (`--joint`), and reports both ensembles' test accuracy and
+the median epoch seconds side by side (issue 16 item 3: ours / plain <= 1.05); `--write` puts the table in
+BENCHMARKS.md (section "plain-loop"). Our epoch time includes the per-epoch validation pass (the plain loop
+has none), so the ratio is an upper bound of the loop's own overhead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+
+def crop_flip(x: torch.Tensor, pad: int, g: torch.Generator) -> torch.Tensor:
+    """Random crop of the zero-padded uint8 batch (same size) + horizontal flip with p=0.5, per image."""
+    b, _, h, w = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad))
+    out = torch.empty_like(x)
+    dy = torch.randint(0, 2 * pad + 1, (b,), generator=g).tolist()
+    dx = torch.randint(0, 2 * pad + 1, (b,), generator=g).tolist()
+    flip = (torch.rand(b, generator=g) < 0.5).tolist()
+    for i in range(b):
+        img = padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w]
+        out[i] = img.flip(-1) if flip[i] else img
+    return out
+
+
+def batches(x: torch.Tensor, y: torch.Tensor, bs: int, g: torch.Generator, augment: bool, pad: int):
+    order = torch.randperm(len(y), generator=g)
+    for lo in range(0, len(y), bs):
+        idx = order[lo:lo + bs]
+        xb = x[idx]
+        if augment:
+            xb = crop_flip(xb, pad, g)
+        yield xb, y[idx]
+
+
+def init_reference(model: nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+@torch.no_grad()
+def test_probs(model: nn.Module, x: torch.Tensor, norm, bs: int = 512) -> torch.Tensor:
+    model.eval()
+    out = [F.softmax(model(norm(x[i:i + bs])), dim=1) for i in range(0, len(x), bs)]
+    model.train()
+    return torch.cat(out)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", "-c", default="configs/cifar10-cpu.toml")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="config override")
+    p.add_argument("--seed", type=int, default=None, help="default: train.seed")
+    p.add_argument("--joint", action="store_true", help="every member on the same batches (like our loop)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    p.add_argument("--vs-ours", action="store_true", help="also train our full ensemble first; compare side by side")
+    p.add_argument("--write", action="store_true", help="with --vs-ours: write the BENCHMARKS.md section")
+    args = p.parse_args()
+    ours = _run_ours(args) if args.vs_ours else None
+    if ours is not None:
+        args.joint = True  # the same batches for every member, as our loop feeds them
+
+    from ensemble import members as _members  # noqa: F401 (registers the member families)
+    from ensemble.config import load_config
+    from ensemble.data import load_data
+    from ensemble.datasets.loader import crop_padding
+    from ensemble.registry import create_model
+
+    cfg = load_config(args.config, args.set)
+    t = cfg.train
+    seed = t.seed if args.seed is None else args.seed
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    splits = load_data(cfg.data, seed, t.batch_size, t.eval_batch_size)  # same slice/split as superweights train
+    info = splits.info
+    # the raw uint8 tensors behind the project's loaders (pixel scale 255 for every image dataset used here)
+    x_tr, y_tr = splits.train._x, splits.train._y
+    x_te, y_te = splits.test._x, splits.test._y
+    scale = splits.train._scale
+    mean = torch.tensor(info.mean).view(1, -1, 1, 1)
+    std = torch.tensor(info.std).view(1, -1, 1, 1)
+
+    def norm(xb: torch.Tensor) -> torch.Tensor:
+        return (xb.float() / scale - mean) / std
+
+    augment = cfg.data.augment
+    pad = crop_padding(*x_tr.shape[-2:])
+    names = list(cfg.ensemble.members)
+    print(f"plain loop: {len(names)} members ({', '.join(names)}) on {cfg.data.name} {tuple(x_tr.shape[-2:])}: "
+          f"{len(y_tr)} train / {len(y_te)} test images, {t.epochs} epochs, bs {t.batch_size}, lr {t.lr}, "
+          f"wd {t.weight_decay}, augment {augment} (pad {pad}), seed {seed}, "
+          f"{'joint batches' if args.joint else 'independent members'}, {torch.get_num_threads()} threads")
+
+    torch.manual_seed(seed)
+    models = [create_model(n, info.in_channels, info.num_classes) for n in names]
+    for m in models:
+        init_reference(m)
+    steps = t.epochs * math.ceil(len(y_tr) / t.batch_size)
+    opts, scheds = [], []
+    for m in models:
+        o = torch.optim.SGD(m.parameters(), lr=t.lr, momentum=t.momentum, nesterov=t.momentum > 0,
+                            weight_decay=t.weight_decay)
+        opts.append(o)
+        scheds.append(torch.optim.lr_scheduler.LambdaLR(o, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
+    gens = [torch.Generator().manual_seed(seed * 1000 + (0 if args.joint else i + 1)) for i in range(len(models))]
+
+    def step(i: int, xb, yb) -> float:
+        loss = F.cross_entropy(models[i](norm(xb)), yb)
+        opts[i].zero_grad(set_to_none=True)
+        loss.backward()
+        opts[i].step()
+        scheds[i].step()
+        return loss.item()
+
+    epoch_s = []
+    for epoch in range(t.epochs):
+        t0 = time.perf_counter()
+        if args.joint:
+            for xb, yb in batches(x_tr, y_tr, t.batch_size, gens[0], augment, pad):
+                for i in range(len(models)):
+                    step(i, xb, yb)
+        else:
+            for i in range(len(models)):
+                for xb, yb in batches(x_tr, y_tr, t.batch_size, gens[i], augment, pad):
+                    step(i, xb, yb)
+        epoch_s.append(time.perf_counter() - t0)
+        if (epoch + 1) % 5 == 0 or epoch + 1 == t.epochs:
+            print(f"epoch {epoch + 1:3d}/{t.epochs}  ({epoch_s[-1]:.1f}s)", flush=True)
+
+    probs = [test_probs(m, x_te, norm) for m in models]
+    print(f"\n{'':20s}{'test acc':>10s}{'NLL':>9s}")
+    accs = []
+    for n, pr in zip(names, probs):
+        acc = (pr.argmax(1) == y_te).float().mean().item()
+        accs.append(acc)
+        print(f"{n:20s}{acc:10.4f}{F.nll_loss(pr.clamp_min(1e-12).log(), y_te).item():9.4f}")
+    ens = torch.stack(probs).mean(0)
+    ens_acc = (ens.argmax(1) == y_te).float().mean().item()
+    print(f"{'ensemble (mean)':20s}{ens_acc:10.4f}{F.nll_loss(ens.clamp_min(1e-12).log(), y_te).item():9.4f}")
+    print(f"gap over best member: {100 * (ens_acc - max(accs)):+.2f} points; mean member {sum(accs) / len(accs):.4f}")
+    print(f"seconds/epoch (all members): median {sorted(epoch_s)[len(epoch_s) // 2]:.1f}, total {sum(epoch_s):.0f}s")
+    if ours is not None:
+        _report(args, cfg, ours, ens_acc, statistics.median(epoch_s))
+    return 0
+
+
+def _run_ours(args) -> dict:
+    """Our `full` ensemble through `superweights train --workers 0` (a subprocess, as a user runs it)."""
+    cmd = [sys.executable, "-m", "ray_jobs.cli", "train", "--config", args.config, "--workers", "0", "--no-tracking",
+           "--quiet", "--set", 'bank.method="full"']
+    for s in args.set:
+        cmd += ["--set", s]
+    if args.seed is not None:
+        cmd += ["--set", f"train.seed={args.seed}"]
+    env = dict(os.environ)
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
+    with tempfile.TemporaryDirectory(prefix="sw-plain-") as tmp:
+        cmd += ["--storage-path", f"{tmp}/runs", "--out", f"{tmp}/out"]
+        print("ours:", " ".join(cmd), flush=True)
+        p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parents[1])
+    if p.returncode:
+        sys.exit(f"bench_plain_loop: our training failed: {p.stderr.strip().splitlines()[-1:]}")
+    seconds = [float(m) for m in re.findall(r"^epoch .*\(([0-9.]+)s\)$", p.stdout, flags=re.M)]
+    acc = re.search(r"^ensemble \(mean\)\s+([0-9.]+)", p.stdout, flags=re.M)
+    print(p.stdout[p.stdout.find("test acc") - 30:p.stdout.find("model files")].rstrip(), flush=True)
+    return {"epoch_s": statistics.median(seconds), "accuracy": float(acc.group(1)), "epochs": len(seconds)}
+
+
+def _report(args, cfg, ours: dict, plain_acc: float, plain_s: float) -> None:
+    ratio = ours["epoch_s"] / plain_s
+    cmd = "python bench/bench_plain_loop.py " + " ".join(
+        [f"--config {args.config}"] + [f"--set '{s}'" for s in args.set] + [f"--threads {args.threads}"] * bool(args.threads)
+        + ["--vs-ours", "--write"])
+    body = f"""## Our full ensemble vs a plain PyTorch loop (bench/bench_plain_loop.py)
+
+Command: `{cmd}`. Same members ({', '.join(cfg.ensemble.members)}), data tensors, batches, epochs
+({cfg.train.epochs}), optimiser settings and threads ({args.threads or 'default'}), one run, ours first. Our
+epoch time includes its per-epoch validation pass. Target (issue 16): ours / plain <= 1.05.
+
+| loop | ensemble test accuracy | median s/epoch |
+|---|---|---|
+| `superweights train --workers 0`, `bank.method="full"` | {ours['accuracy']:.4f} | {ours['epoch_s']:.2f} |
+| plain PyTorch loop, same batches (`--joint`) | {plain_acc:.4f} | {plain_s:.2f} |
+| **ratio ours / plain** | | **{ratio:.3f}** |
+"""
+    print(body)
+    if args.write:
+        from bench.common import write_section
+
+        write_section("plain-loop", body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
