@@ -25,6 +25,7 @@ from fastapi.concurrency import run_in_threadpool
 from torch import Tensor
 
 from core.errors import SuperweightsError
+from ensemble.config import ServeConfig
 from ensemble.training import validate_device
 
 from .batching import Item, MicroBatcher, QueueFull
@@ -38,17 +39,30 @@ log = logging.getLogger("superweights.serve")
 
 @dataclass(frozen=True)
 class ServeSettings:
-    """Limits and batching knobs (CLI: `superweights serve --help`)."""
+    """The service's limits and batching knobs: a view of the config's `[serve]` section (`from_config`, the one
+    place it is built from a config; defaults and meanings: `ensemble.config.ServeConfig`; CLI: `superweights
+    serve --help`). Host, port, threads and the Ray Serve knobs stay in the config: they are not the service's."""
 
-    max_body_bytes: int = 8 * 2**20  # larger request bodies are refused with 413
-    max_images: int = 256  # images per request
-    max_batch_images: int = 64  # images per micro-batch (a larger single request runs alone)
-    batch_window_ms: float = 2.0  # FLOPs/no-budget requests wait at most this long for company
-    max_pending: int = 1024  # queued requests beyond this get 503
-    deadline_margin_ms: float = 1.0  # kept free at the end of a deadline for the response
-    deadline_safety: float = 1.25  # measured step times are multiplied by this before a step may start
+    max_body_bytes: int = int(ServeConfig.max_body_mb * 2**20)  # larger request bodies are refused with 413
+    max_images: int = ServeConfig.max_images
+    max_batch_images: int = ServeConfig.max_batch_images
+    batch_window_ms: float = ServeConfig.batch_window_ms
+    max_pending: int = ServeConfig.max_pending
+    deadline_margin_ms: float = ServeConfig.deadline_margin_ms
+    deadline_safety: float = ServeConfig.deadline_safety
     input_range: tuple[float, float] | None = (0.0, 1.0)  # loader scale; None accepts any finite value
-    device: str = "cpu"
+    device: str = ServeConfig.device
+
+    @classmethod
+    def from_config(cls, serve: ServeConfig, device: str | None = None) -> ServeSettings:
+        """From `config.serve` (MiB -> bytes, an empty input_range -> any value); `device` overrides
+        `serve.device` (e.g. after resolving `cuda` to `cuda:0`)."""
+        return cls(max_body_bytes=int(serve.max_body_mb * 2**20), max_images=serve.max_images,
+                   max_batch_images=serve.max_batch_images, batch_window_ms=serve.batch_window_ms,
+                   max_pending=serve.max_pending, deadline_margin_ms=serve.deadline_margin_ms,
+                   deadline_safety=serve.deadline_safety,
+                   input_range=(serve.input_range[0], serve.input_range[1]) if serve.input_range else None,
+                   device=device or serve.device)
 
     def __post_init__(self):
         for name in ("max_body_bytes", "max_images", "max_batch_images", "max_pending"):

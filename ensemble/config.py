@@ -87,6 +87,22 @@ class TrainConfig:
     weight_decay: float = 5e-4  # never applied to coefficients
     seed: int = 0
     eval_batch_size: int = 512
+    # GPU readiness (ensemble.training.Accelerator). bf16 = torch.autocast around the members' forward;
+    # weight generation (bank, coefficients) stays fp32, evaluation too. CPU autocast works as well (slower
+    # unless the CPU has bf16 units) and is what the tests exercise.
+    precision: str = "fp32"  # fp32 | bf16
+    # conv members (inputs, conv weights) in channels_last (NHWC) memory; None (the default, not writable in
+    # TOML) = on CUDA only, where cuDNN's NHWC kernels are faster; true/false force it on every device.
+    channels_last: bool | None = None
+    compile: bool = False  # torch.compile the members' forward in training steps; one warning line if it cannot
+
+    PRECISIONS = ("fp32", "bf16")  # not a field (no annotation)
+
+    def __post_init__(self):
+        if self.precision not in self.PRECISIONS:
+            raise SuperweightsError(f"train.precision must be fp32 or bf16, got {self.precision!r}")
+        if not (self.channels_last is None or isinstance(self.channels_last, bool)):
+            raise SuperweightsError(f"train.channels_last must be true or false, got {self.channels_last!r}")
 
 
 @dataclass(frozen=True)
@@ -114,6 +130,55 @@ class RayConfig:
 
 
 @dataclass(frozen=True)
+class ServeConfig:
+    """`superweights serve` (uvicorn or Ray Serve); command-line flags override these. Not part of a run's
+    identity: a checkpoint's saved [serve] section is never compared on resume."""
+
+    host: str = "127.0.0.1"  # interface to listen on
+    port: int = 8000  # 0 = any free port (uvicorn only)
+    device: str = "cpu"  # cpu, cuda or cuda:N
+    threads: int = 1  # torch intra-op threads
+    access_log: bool = True  # uvicorn: log every request
+    max_body_mb: float = 8.0  # larger request bodies are refused with 413
+    max_images: int = 256  # images per request
+    max_batch_images: int = 64  # images per micro-batch (a larger single request runs alone)
+    batch_window_ms: float = 2.0  # FLOPs/no-budget requests wait at most this long for company
+    max_pending: int = 1024  # queued requests beyond this get 503
+    deadline_margin_ms: float = 1.0  # kept free at the end of a deadline for the response
+    deadline_safety: float = 1.25  # measured step times are multiplied by this before a step may start
+    input_range: tuple[float, ...] = (0.0, 1.0)  # [low, high] accepted input values; [] = any finite value
+    replicas: int = 1  # Ray Serve (--ray): replicas
+    max_ongoing_requests: int = 16  # Ray Serve: requests a replica holds at once
+    replica_cpus: float = 1.0  # Ray Serve: CPUs reserved per replica
+    address: str = ""  # Ray Serve: cluster address; "" = $RAY_ADDRESS, else the running local cluster, else a new one
+
+    def check(self) -> ServeConfig:
+        """One-line errors for out-of-range values (the same checks as the flags get)."""
+        checks = [("serve.port", self.port, (0, 65535, False, False)), ("serve.threads", self.threads, AT_LEAST_1),
+                  ("serve.max_body_mb", self.max_body_mb, ABOVE_0), ("serve.max_images", self.max_images, AT_LEAST_1),
+                  ("serve.max_batch_images", self.max_batch_images, AT_LEAST_1),
+                  ("serve.batch_window_ms", self.batch_window_ms, AT_LEAST_0),
+                  ("serve.max_pending", self.max_pending, AT_LEAST_1),
+                  ("serve.deadline_margin_ms", self.deadline_margin_ms, AT_LEAST_0),
+                  ("serve.deadline_safety", self.deadline_safety, AT_LEAST_1),
+                  ("serve.replicas", self.replicas, AT_LEAST_1),
+                  ("serve.max_ongoing_requests", self.max_ongoing_requests, AT_LEAST_1),
+                  ("serve.replica_cpus", self.replica_cpus, ABOVE_0)]
+        for key, value, (low, high, low_open, high_open) in checks:
+            _check_range(key, value, low, high, low_open, high_open)
+        r = self.input_range
+        if r and not (len(r) == 2 and all(math.isfinite(v) for v in r) and r[0] < r[1]):
+            raise SuperweightsError(f"serve.input_range must be [low, high] with low < high (or [] for any value), "
+                                    f"got {list(r)}")
+        return self
+
+
+# Sections that say where and how a run executes or is served, not what it trains: a resume may change them,
+# and a checkpoint's config.json written before they existed still loads (missing sections take defaults).
+RUNTIME_SECTIONS = ("ray", "serve", "debug")
+
+
+@dataclass(frozen=True)
 class DebugConfig:
     crash_at_epoch: int = 0  # tests: one worker raises at this epoch on the first attempt (0 = never)
 
@@ -127,6 +192,7 @@ class Config:
     anytime: AnytimeConfig = field(default_factory=AnytimeConfig)
     grouping: GroupingConfig = field(default_factory=GroupingConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
@@ -186,7 +252,8 @@ class Config:
 
     def _check_ranges(self) -> None:
         """Every numeric key against its valid range: a one-line error here, before any data, plan or worker.
-        ray.* keys are checked by ray_jobs.driver.RayOptions.validate (they may come from flags too)."""
+        ray.* keys are checked by ray_jobs.options.RayOptions.validate (they may come from flags too), serve.*
+        keys by ServeConfig.check (from the loader)."""
         d, b, g, t = self.data, self.bank, self.grouping, self.train
         checks: list[tuple[str, int | float, tuple]] = [
             # both fractions split a pool stratified; 0 would leave an empty split that training cannot
@@ -263,9 +330,9 @@ def valid_keys() -> list[str]:
 
 _SECTION_TYPES = {"data": DataConfig, "ensemble": EnsembleConfig, "bank": BankConfig, "train": TrainConfig,
                   "anytime": AnytimeConfig, "grouping": GroupingConfig,
-                  "ray": RayConfig, "debug": DebugConfig}
+                  "ray": RayConfig, "serve": ServeConfig, "debug": DebugConfig}
 
-_NUMBER_LISTS = {"ensemble.exit_weights": (int, float), "anytime.order": (int,)}
+_NUMBER_LISTS = {"ensemble.exit_weights": (int, float), "anytime.order": (int,), "serve.input_range": (int, float)}
 
 
 def _coerce(key: str, value: Any, default: Any) -> Any:
@@ -323,6 +390,7 @@ def from_dict(data: dict[str, Any], base: Config | None = None) -> Config:
     unknown = sorted(set(data) - set(_SECTION_TYPES))
     if unknown:
         raise SuperweightsError(f"unknown config section [{unknown[0]}]; valid keys: {', '.join(valid_keys())}")
+    sections["serve"].check()
     return Config(**sections).validate()
 
 

@@ -5,7 +5,8 @@ The method's learning steps are phases of this loop, on every worker layout (`Co
 
     plan = learned SSN groups (pre-training + k-means, rank 0, broadcast)   if bank.ssn_groups = "learned"
     for epoch in warm-up epochs (bank.grouping = "gradient") + train.epochs:
-        one pass over the batches: train_step(comm.view, ...) per batch
+        one pass over the batches: train_step(comm.view, ...) per batch (`Accelerator.step`: train.precision,
+            train.channels_last, train.compile)
         sync BN statistics; rank 0 validates and reports the epoch
         after the last warm-up epoch: slot gradients (summed over workers) -> gradient plan -> a fresh,
             re-initialised model and optimizer on it
@@ -41,7 +42,7 @@ from .methods import build_ensemble, make_ssn_plan
 from .model import StackedEnsemble
 from .ssn_model import learned_ssn_groups
 from .train_state import read_train_state, restore_into, write_train_state
-from .training import evaluate, make_optimizer, resolve_device, train_step
+from .training import Accelerator, evaluate, make_optimizer, resolve_device
 
 
 class Diverged(SuperweightsError):
@@ -121,8 +122,8 @@ def epoch_line(row: dict, epochs: int) -> str:
             f"val acc {row['val_accuracy']:.4f}  val nll {row['val_nll']:.4f}  ({row['seconds']:.1f}s)")
 
 
-def _fresh(config: Config, data: DataSplits, plan, device, epochs: int):
-    model = build_ensemble(config, data.info, plan).to(device)
+def _fresh(config: Config, data: DataSplits, plan, device, epochs: int, accel: Accelerator):
+    model = accel.prepare(build_ensemble(config, data.info, plan).to(device))
     optimizer, scheduler = make_optimizer(model, config, len(data.train), epochs=epochs)
     return model, optimizer, scheduler
 
@@ -149,6 +150,7 @@ def run(config: Config, data: DataSplits, device, comm: Collective | None = None
     comm = comm or Collective()
     session = session or Session()
     device = torch.device(device)
+    accel = Accelerator(config, device)  # train.precision / channels_last / compile (refuses bf16 where unsupported)
     t, b = config.train, config.bank
     warm = warmup_epochs(config)
     total = warm + t.epochs
@@ -160,14 +162,14 @@ def run(config: Config, data: DataSplits, device, comm: Collective | None = None
             state, plan = read_train_state(Path(folder))
             start = int(state["epoch"])
             session.on_resume(state)
-            model, optimizer, scheduler = _fresh(config, data, plan, device, warm if start < warm else t.epochs)
+            model, optimizer, scheduler = _fresh(config, data, plan, device, warm if start < warm else t.epochs, accel)
             restore_into(Path(folder), model, optimizer, scheduler, device)
             history, resumes = list(state["history"]), list(state.get("resumes", [])) + [start]
             if comm.is_main:
                 log(f"resumed from {folder} at epoch {start}/{total}")
         else:
             plan = initial_plan(config, data, device, comm, log)
-            model, optimizer, scheduler = _fresh(config, data, plan, device, warm or t.epochs)
+            model, optimizer, scheduler = _fresh(config, data, plan, device, warm or t.epochs, accel)
     comm.attach(model)
     if start >= total:
         session.resumed_complete()
@@ -184,9 +186,9 @@ def run(config: Config, data: DataSplits, device, comm: Collective | None = None
                    disable=not (progress and comm.is_main))
         for step, (x, y) in enumerate(bar):
             session.before_step(epoch, step, steps)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            x, y = accel.inputs(x), y.to(device, non_blocking=True)
             comm.begin(step, y)
-            loss, logits = train_step(comm.view, x, y, optimizer, scheduler, comm.after_backward, comm.members)
+            loss, logits = accel.step(comm.view, x, y, optimizer, scheduler, comm.after_backward, comm.members)
             if not comm.step_finite(loss):
                 raise Diverged(diverged_message(config, f"epoch {epoch + 1}, step {step + 1}", "the training loss"))
             step_loss, step_correct, step_seen = comm.step_stats(loss, logits, y)
@@ -210,7 +212,7 @@ def run(config: Config, data: DataSplits, device, comm: Collective | None = None
         if epoch + 1 == warm:
             depth_groups = len(model.plan.groups)
             plan, used = regroup_plan(model, loader, config, device, warm, comm)
-            model, optimizer, scheduler = _fresh(config, data, plan, device, t.epochs)
+            model, optimizer, scheduler = _fresh(config, data, plan, device, t.epochs, accel)
             comm.attach(model)
             row.update(groups=len(plan.groups), grouping_threshold=used)
             if comm.is_main:

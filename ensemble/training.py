@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from collections.abc import Callable
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -97,11 +99,114 @@ def model_loss(model, x: Tensor, y: Tensor, members: list[int] | None = None) ->
     return ensemble_loss(logits, y), logits
 
 
+def autocast_loss(model, x: Tensor, y: Tensor, members: list[int] | None, precision: str) -> tuple[Tensor, Tensor]:
+    """`model_loss` with the members' forward under bf16 autocast (`precision` "bf16") and everything else in
+    fp32: a bank's weights are generated first, outside the autocast region (so the template mixing and its
+    gradients stay fp32; autocast casts them to bf16 per conv/linear call), then bound for the forward
+    (`using_weights`). The loss (cross-entropy is an fp32 op under autocast) and logits come back in fp32."""
+    if precision == "fp32":
+        return model_loss(model, x, y, members)
+    generate = getattr(model, "_weights", None)  # bank ensembles (SuperWeights, SSN); a `Collective.view` forwards it
+    bound = model.using_weights(generate(members)) if generate is not None else nullcontext()
+    with bound, torch.autocast(device_type=x.device.type, dtype=torch.bfloat16):
+        loss, logits = model_loss(model, x, y, members)
+    return loss.float(), logits.float()
+
+
+# torch.compile's backend for `train.compile`; tests swap in "eager" (Dynamo's tracing without code generation,
+# seconds instead of minutes on a CPU) or a failing one (the fallback).
+COMPILE_BACKEND = "inductor"
+
+
+class Accelerator:
+    """What `train.precision`, `train.channels_last` and `train.compile` do to the loop, on any device.
+
+    * `prepare(model)`: conv members (their parameters and buffers) to channels_last;
+    * `inputs(x)`: a batch to the device, channels_last when the members are;
+    * `step(...)`: `train_step` in the configured precision, with the members' forward compiled
+      (`torch.compile` of each member, `nn.Module.compile`'s mechanism) during the step only: evaluation,
+      gradient measurements, checkpoints and `materialize` (which deep-copies members) always see the plain
+      members. Where compiling fails (no compiler, an unsupported op, an old Python), ONE warning line goes
+      to stderr and the step is rerun eagerly, as is every later step (the failed try may have updated the
+      batch norm statistics of that first batch once more).
+    """
+
+    def __init__(self, config: Config, device: torch.device):
+        t = config.train
+        self.device = torch.device(device)
+        self.precision = t.precision
+        self.channels_last = self.device.type == "cuda" if t.channels_last is None else t.channels_last
+        self.compile = t.compile
+        self.failed = False  # compiling failed once: eager from then on
+        self._compiled: dict[int, Callable] = {}
+        self._conv = False  # the members have convs (set by `prepare`)
+        if self.precision == "bf16" and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise SuperweightsError(f"train.precision = \"bf16\" needs a GPU with bf16 support; {self.device} has "
+                                    "none: use train.precision = \"fp32\"")
+
+    def prepare(self, model: StackedEnsemble) -> StackedEnsemble:
+        """The model, its conv members in channels_last if asked (only members: a bank's tensors keep their
+        layout, and members without convs have nothing to gain)."""
+        self._compiled.clear()
+        self._conv = any(isinstance(m, nn.Conv2d) for m in model.members.modules())
+        if self.channels_last and self._conv:
+            for member in model.members:
+                member.to(memory_format=torch.channels_last)
+        return model
+
+    def inputs(self, x: Tensor) -> Tensor:
+        if self.channels_last and self._conv and x.dim() == 4:
+            return x.to(self.device, non_blocking=True, memory_format=torch.channels_last)
+        return x.to(self.device, non_blocking=True)
+
+    def _members(self, model) -> list[nn.Module]:
+        return list(getattr(model, "members", ()))
+
+    def _compile_on(self, model) -> bool:
+        if not self.compile or self.failed:
+            return False
+        try:
+            for m in self._members(model):
+                if id(m) not in self._compiled:
+                    self._compiled[id(m)] = torch.compile(m._call_impl, backend=COMPILE_BACKEND)
+                m._compiled_call_impl = self._compiled[id(m)]
+        except Exception as e:  # torch.compile itself refused (e.g. an unsupported Python)
+            self._fall_back(model, e)
+            return False
+        return True
+
+    def _compile_off(self, model) -> None:
+        for m in self._members(model):
+            m._compiled_call_impl = None
+
+    def _fall_back(self, model, error: BaseException) -> None:
+        self._compile_off(model)
+        self.failed = True
+        self._compiled.clear()
+        first = (str(error).strip().splitlines() or [""])[0][:200]
+        print(f"superweights: warning: train.compile: torch.compile failed here ({type(error).__name__}: {first}); "
+              "training continues without it", file=sys.stderr, flush=True)
+
+    def step(self, model, x, y, optimizer, scheduler, after_backward=None, members=None):
+        """`train_step` of `model` (the model or its `Collective.view`) with this configuration."""
+        args = (model, x, y, optimizer, scheduler, after_backward, members, self.precision)
+        if not self._compile_on(model):
+            return train_step(*args)
+        try:
+            return train_step(*args)
+        except Exception as e:  # (re)compiling failed; a real error fails again eagerly and propagates
+            self._fall_back(model, e)
+        finally:
+            self._compile_off(model)
+        return train_step(*args)
+
+
 def train_step(model, x, y, optimizer, scheduler, after_backward: Callable[[nn.Module], None] | None = None,
-               members: list[int] | None = None):
+               members: list[int] | None = None, precision: str = "fp32"):
     """One optimisation step. `members`: compute the loss of these members only (member-parallel workers);
-    `after_backward(model)`: runs between backward and the optimizer step (gradient all-reduce)."""
-    loss, logits = model_loss(model, x, y, members)
+    `after_backward(model)`: runs between backward and the optimizer step (gradient all-reduce); `precision`:
+    `train.precision` (`autocast_loss`)."""
+    loss, logits = autocast_loss(model, x, y, members, precision)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if after_backward is not None:

@@ -33,68 +33,87 @@ from core.errors import SuperweightsError
 from .exit_codes import run_guarded
 from .model_uri import resolved_model
 
-DEFAULT_PORT = 8000
 APP_NAME = "superweights-anytime"
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
-    """The serve command's options (shared by `superweights serve` and `python -m ray_jobs.serve`)."""
-    from anytime.serve_service import ServeSettings
+    """The serve command's options (shared by `superweights serve` and `python -m ray_jobs.serve`). Every flag
+    but MODEL and --tracking-uri/--ray has a `[serve]` config key of the same name (`--config`, `--set
+    serve.port=9000`); a flag given overrides it: flag > --set > TOML > default."""
+    from ensemble.config import ServeConfig
 
-    d = ServeSettings()
+    d = ServeConfig()
     p.add_argument("model", metavar="MODEL",
                    help="checkpoint folder, runs:/<run id>[/path] or models:/<name>/<version> (MLflow)")
-    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: 127.0.0.1)")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default: {DEFAULT_PORT}; 0 = any free port)")
+    p.add_argument("--config", "-c", help="TOML config file whose [serve] section sets the defaults below")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one config key with a TOML value, e.g. serve.port=9000; repeatable")
+    p.add_argument("--host", help=f"interface to listen on (default: {d.host})")
+    p.add_argument("--port", type=int, help=f"port (default: {d.port}; 0 = any free port)")
     p.add_argument("--tracking-uri",
                    help="MLflow tracking URI for runs:/ and models:/ (default: $MLFLOW_TRACKING_URI, else "
                         "sqlite:///<cwd>/mlflow.db)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch intra-op threads (default: 1; small micro-batches gain little from more, and spinning "
-                        "threads slow everything down when the cores are shared)")
+    p.add_argument("--device", help=f"cpu, cuda or cuda:N (default: {d.device})")
+    p.add_argument("--threads", type=int,
+                   help=f"torch intra-op threads (default: {d.threads}; small micro-batches gain little from more, and "
+                        "spinning threads slow everything down when the cores are shared)")
     p.add_argument("--no-access-log", action="store_true", help="do not log every request (uvicorn)")
     g = p.add_argument_group("limits and micro-batching")
-    g.add_argument("--max-body-mb", type=float, default=d.max_body_bytes / 2**20,
-                   help=f"largest request body in MiB, larger is a 413 (default: {d.max_body_bytes / 2**20:g})")
-    g.add_argument("--max-images", type=int, default=d.max_images,
-                   help=f"most images per request (default: {d.max_images})")
-    g.add_argument("--max-batch-images", type=int, default=d.max_batch_images,
-                   help=f"most images per micro-batch (default: {d.max_batch_images})")
-    g.add_argument("--batch-window-ms", type=float, default=d.batch_window_ms,
+    g.add_argument("--max-body-mb", type=float,
+                   help=f"largest request body in MiB, larger is a 413 (default: {d.max_body_mb:g})")
+    g.add_argument("--max-images", type=int, help=f"most images per request (default: {d.max_images})")
+    g.add_argument("--max-batch-images", type=int, help=f"most images per micro-batch (default: {d.max_batch_images})")
+    g.add_argument("--batch-window-ms", type=float,
                    help="how long a FLOPs/no-budget request waits for others with the same budget "
                         f"(default: {d.batch_window_ms:g}; 0 = only batch what is already queued)")
-    g.add_argument("--max-pending", type=int, default=d.max_pending,
-                   help=f"queued requests beyond this get 503 (default: {d.max_pending})")
-    g.add_argument("--deadline-margin-ms", type=float, default=d.deadline_margin_ms,
+    g.add_argument("--max-pending", type=int, help=f"queued requests beyond this get 503 (default: {d.max_pending})")
+    g.add_argument("--deadline-margin-ms", type=float,
                    help=f"time kept free at the end of a deadline (default: {d.deadline_margin_ms:g})")
     g.add_argument("--any-input-range", action="store_true",
-                   help="accept any finite input values (default: [0, 1], the dataset loader's scale)")
+                   help="accept any finite input values (default: serve.input_range, [0, 1], the loader's scale)")
     r = p.add_argument_group("Ray Serve")
     r.add_argument("--ray", action="store_true", help="deploy on Ray Serve instead of a local uvicorn")
-    r.add_argument("--replicas", type=int, default=1, help="replicas (default: 1)")
-    r.add_argument("--max-ongoing-requests", type=int, default=16,
-                   help="requests a replica holds at once; its micro-batcher groups them (default: 16)")
-    r.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs reserved per replica (default: 1)")
+    r.add_argument("--replicas", type=int, help=f"replicas (default: {d.replicas})")
+    r.add_argument("--max-ongoing-requests", type=int,
+                   help=f"requests a replica holds at once; its micro-batcher groups them (default: {d.max_ongoing_requests})")
+    r.add_argument("--replica-cpus", type=float, help=f"CPUs reserved per replica (default: {d.replica_cpus:g})")
     r.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else the running local cluster, "
                                     "else a new local Ray)")
 
 
-def settings_from_args(args):
+_FLAG_KEYS = ("host", "port", "device", "threads", "max_body_mb", "max_images", "max_batch_images", "batch_window_ms",
+              "max_pending", "deadline_margin_ms", "replicas", "max_ongoing_requests", "replica_cpus",
+              "address")  # argparse dest == ServeConfig field
+
+
+def serve_config_from_args(args):
+    """`[serve]` of --config / --set (checked by the loader), then the flags given (checked here, named as flags)."""
+    import dataclasses
+
+    from ensemble.config import load_config
+
+    serve_config = load_config(getattr(args, "config", None), list(getattr(args, "overrides", []) or [])).serve
+    given = {k: getattr(args, k) for k in _FLAG_KEYS if getattr(args, k, None) is not None}
+    if getattr(args, "no_access_log", False):
+        given["access_log"] = False
+    if getattr(args, "any_input_range", False):
+        given["input_range"] = ()
+    if "max_body_mb" in given and not given["max_body_mb"] > 0:
+        raise SuperweightsError(f"--max-body-mb must be > 0, got {given['max_body_mb']:g}")
+    if "threads" in given and given["threads"] < 1:
+        raise SuperweightsError(f"--threads must be >= 1, got {given['threads']}")
+    if "port" in given and not 0 <= given["port"] <= 65535:
+        raise SuperweightsError(f"--port must be in 0..65535, got {given['port']}")
+    return dataclasses.replace(serve_config, **given)
+
+
+def settings_from_args(args, serve_config=None):
+    """The service's `ServeSettings`: the view of `serve_config_from_args(args)` with the device resolved."""
     from anytime.serve_service import ServeSettings
     from ensemble.training import resolve_device
 
-    if args.max_body_mb <= 0:
-        raise SuperweightsError(f"--max-body-mb must be > 0, got {args.max_body_mb:g}")
-    if args.threads is not None and args.threads < 1:
-        raise SuperweightsError(f"--threads must be >= 1, got {args.threads}")
-    if not 0 <= args.port <= 65535:
-        raise SuperweightsError(f"--port must be in 0..65535, got {args.port}")
-    return ServeSettings(max_body_bytes=int(args.max_body_mb * 2**20), max_images=args.max_images,
-                         max_batch_images=args.max_batch_images, batch_window_ms=args.batch_window_ms,
-                         max_pending=args.max_pending, deadline_margin_ms=args.deadline_margin_ms,
-                         input_range=None if args.any_input_range else (0.0, 1.0),
-                         device=str(resolve_device(args.device)))
+    sc = serve_config if serve_config is not None else serve_config_from_args(args)
+    return ServeSettings.from_config(sc, device=str(resolve_device(sc.device)))
 
 
 def load_service(model: str, tracking_uri: str | None, settings, threads: int | None = None):
@@ -125,20 +144,21 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def run_uvicorn(args, settings, log=print) -> int:
+def run_uvicorn(args, settings, log=print, serve_config=None) -> int:
     import uvicorn
 
     from anytime.http_app import create_app
 
-    sock = _listen(args.host, args.port)  # before loading: a busy port fails fast
-    service = load_service(args.model, args.tracking_uri, settings, args.threads)
+    sc = serve_config if serve_config is not None else serve_config_from_args(args)
+    sock = _listen(sc.host, sc.port)  # before loading: a busy port fails fast
+    service = load_service(args.model, args.tracking_uri, settings, sc.threads)
     gc.collect()
     gc.freeze()  # start-up objects (torch, the model) leave the collector: no long gen-2 pauses while serving
     host, port = sock.getsockname()[:2]
     log(f"serving {args.model} ({', '.join(service.names)}) on http://{host}:{port}  "
         f"(OpenAPI docs: http://{host}:{port}/docs)")
     server = uvicorn.Server(uvicorn.Config(create_app(service), log_level="info", lifespan="on",
-                                           access_log=not args.no_access_log))
+                                           access_log=sc.access_log))
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _sigterm)  # uvicorn re-raises the signal after its graceful shutdown
     try:
@@ -217,8 +237,9 @@ def build_app(args: dict):
     return deployment(model, tracking_uri, settings, **opts)
 
 
-def run_ray(args, settings, log=print) -> int:
-    if args.port == 0:
+def run_ray(args, settings, log=print, serve_config=None) -> int:
+    sc = serve_config if serve_config is not None else serve_config_from_args(args)
+    if sc.port == 0:
         raise SuperweightsError("--ray needs a fixed --port (the Serve HTTP proxy cannot pick one)")
     import ray
     from ray import serve
@@ -237,13 +258,13 @@ def run_ray(args, settings, log=print) -> int:
         from pathlib import Path
 
         model, tracking_uri = str(Path(args.model).expanduser().absolute()), None
-    app = deployment(model, tracking_uri, settings, replicas=args.replicas,
-                     max_ongoing_requests=args.max_ongoing_requests, replica_cpus=args.replica_cpus,
-                     threads=args.threads)
+    app = deployment(model, tracking_uri, settings, replicas=sc.replicas,
+                     max_ongoing_requests=sc.max_ongoing_requests, replica_cpus=sc.replica_cpus,
+                     threads=sc.threads)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _sigterm)
-    ray.init(address=args.address, ignore_reinit_error=True)
-    serve.start(http_options={"host": args.host, "port": args.port})
+    ray.init(address=sc.address or None, ignore_reinit_error=True)
+    serve.start(http_options={"host": sc.host, "port": sc.port})
     try:
         try:
             serve.run(app, name=APP_NAME, route_prefix="/")
@@ -251,7 +272,7 @@ def run_ray(args, settings, log=print) -> int:
             raise
         except Exception as e:  # a replica failed to start (its traceback is in the Ray logs)
             raise SuperweightsError(f"Ray Serve could not start {args.model}: {' '.join(str(e).split())[:300]}") from None
-        log(f"serving {args.model} on Ray Serve at http://{args.host}:{args.port} with {args.replicas} "
+        log(f"serving {args.model} on Ray Serve at http://{sc.host}:{sc.port} with {sc.replicas} "
             f"replica(s) (OpenAPI docs: /docs); ^C to stop")
         while True:
             time.sleep(1)
@@ -263,10 +284,11 @@ def run_ray(args, settings, log=print) -> int:
 
 
 def run_from_args(args, log=print) -> int:
-    settings = settings_from_args(args)
+    sc = serve_config_from_args(args)
+    settings = settings_from_args(args, sc)
     if args.ray:
-        return run_ray(args, settings, log)
-    return run_uvicorn(args, settings, log)
+        return run_ray(args, settings, log, sc)
+    return run_uvicorn(args, settings, log, sc)
 
 
 def _sigterm(signum, frame):  # `ray job stop` sends SIGTERM: unwind so the app is deleted

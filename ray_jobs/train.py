@@ -11,7 +11,6 @@ A job's working folder is a temporary copy that Ray may delete after the job, so
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import time
 
@@ -19,10 +18,10 @@ from ensemble.config import load_config
 from ensemble.training import validate_device
 
 from . import driver  # as a module: tests replace `driver.train`
-from .driver import RayOptions
 from .durable import require_durable
 from .exit_codes import interrupt_on_sigterm, run_guarded
 from .formatting import format_metrics
+from .options import RayOptions, with_ray_flags
 
 _D = RayOptions()
 
@@ -72,11 +71,15 @@ _OPTION_ARGS = ("workers", "member_groups", "data_replicas", "use_gpu", "cpus_pe
                 "storage_path", "crash_at_epoch")  # argparse dest == RayOptions field
 
 
+def config_with_flags(args, config):
+    """The config with the Ray Train flags given on the command line written into its `[ray]` / `[debug]`
+    sections: flag > --set > TOML > default."""
+    return with_ray_flags(config, {k: getattr(args, k, None) for k in _OPTION_ARGS})
+
+
 def options_from_args(args, config=None) -> RayOptions:
-    """The config's `[ray]` / `[debug]` sections (once ensemble/config.py has them), then the flags given."""
-    base = RayOptions.from_config(config) if config is not None else RayOptions()
-    given = {k: getattr(args, k) for k in _OPTION_ARGS if getattr(args, k, None) is not None}
-    return dataclasses.replace(base, **given)
+    """The driver's view of `config_with_flags(args, config)` (the defaults without a config)."""
+    return RayOptions.from_config(config_with_flags(args, config if config is not None else load_config(None)))
 
 
 def run_from_args(args, log=print) -> int:
@@ -87,8 +90,8 @@ def run_from_args(args, log=print) -> int:
     overrides = list(args.overrides)
     if args.download:
         overrides.append("data.download=true")
-    config = load_config(args.config, overrides)
-    options = options_from_args(args, config)
+    config = config_with_flags(args, load_config(args.config, overrides))
+    options = RayOptions.from_config(config)
     # In `ray job submit --working-dir .` the cwd is Ray's temporary copy: refuse outputs that would vanish
     # with it before anything is written. A storage path from the config counts as given.
     storage = options.storage_path

@@ -200,16 +200,15 @@ def test_in_process_failure_ends_failed_and_a_rerun_resumes_it(tmp_path, mlflow_
 
 
 def test_options_come_from_the_config_section_then_the_flags():
-    """Ready for the `[ray]`/`[debug]` config sections: same field names; a flag given on the command line wins."""
+    """`[ray]`/`[debug]` config sections, same field names as the flags; a flag given on the command line wins."""
     import argparse
-    from types import SimpleNamespace
 
     from ray_jobs.train import add_train_arguments, options_from_args
 
     parser = argparse.ArgumentParser()
     add_train_arguments(parser)
-    config = SimpleNamespace(ray=SimpleNamespace(workers=4, checkpoint_every=3, storage_path="/x"),
-                             debug=SimpleNamespace(crash_at_epoch=2))
+    config = load_config(None, ["ray.workers=4", "ray.checkpoint_every=3", "ray.storage_path=/x",
+                                "debug.crash_at_epoch=2"])
     opts = options_from_args(parser.parse_args(["--workers", "1"]), config)
     assert (opts.workers, opts.checkpoint_every, opts.storage_path, opts.crash_at_epoch) == (1, 3, "/x", 2)
     assert options_from_args(parser.parse_args([]), load_config(None)) == RayOptions()
