@@ -43,5 +43,6 @@ def test_protocol_config_plans_with_the_quoted_parameter_counts(config):
     planned = _plan(config)
     assert _count(planned, "total_params") == superweights
     assert _count(planned, "full_ensemble_params") == full
-    assert _count(_plan(config, 'bank.method="full"'), "total_params") == full
+    full_plan = _plan(config, 'bank.method="full"', 'bank.grouping="depth"', "bank.unshare_epoch=0")
+    assert _count(full_plan, "total_params") == full
     assert superweights <= 0.6 * full  # the target budget: <= 60% of the full ensemble
