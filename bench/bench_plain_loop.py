@@ -184,7 +184,8 @@ def main() -> int:
 def _run_ours(args) -> dict:
     """Our `full` ensemble through `superweights train --workers 0` (a subprocess, as a user runs it)."""
     cmd = [sys.executable, "-m", "ray_jobs.cli", "train", "--config", args.config, "--workers", "0", "--no-tracking",
-           "--quiet", "--set", 'bank.method="full"']
+           "--quiet", "--set", 'bank.method="full"', "--set", 'bank.grouping="depth"', "--set", "bank.unshare_epoch=0"]
+    # (gradient grouping and unsharing are SuperWeight steps: a full-ensemble config refuses them)
     for s in args.set:
         cmd += ["--set", s]
     if args.seed is not None:
