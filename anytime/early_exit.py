@@ -24,7 +24,8 @@ import math
 import torch
 from torch import Tensor
 
-SCORES = ("max_prob", "entropy")
+from ensemble.config import EXIT_SCORES as SCORES  # `anytime.exit_score` in the config picks one
+
 POINTS = 64
 MARGIN = 1e-5  # confidence units: recomputed float32 probabilities differ by ~1e-7
 

@@ -118,7 +118,7 @@ def anytime_record(model, config: Config, info: DatasetInfo, val_loader=None, de
                      "cumulative_flops": cumulative_flops(flops, steps)},
     }
     if logits is not None:
-        record.update(fitted_parts(steps, flops, logits, labels))
+        record.update(fitted_parts(steps, flops, logits, labels, config.anytime.exit_score))
     return record
 
 

@@ -109,9 +109,11 @@ class TrainConfig:
 class AnytimeConfig:
     schedule: str = "greedy"  # greedy (val accuracy gain per FLOP) | member (member-major) | explicit
     order: tuple[int, ...] = ()  # explicit: member index per step, e.g. [0, 1, 0, 1]
+    exit_score: str = "max_prob"  # early-exit confidence: max_prob (largest probability) | entropy (exp(-H))
 
 
 SCHEDULES = ("greedy", "member", "explicit")
+EXIT_SCORES = ("max_prob", "entropy")  # anytime/early_exit.py computes them; listed here so configs are checked
 
 
 @dataclass(frozen=True)
@@ -242,6 +244,9 @@ class Config:
             raise SuperweightsError(f"ensemble.exit_weights must not all be 0, got {list(weights)}")
         if self.anytime.schedule not in SCHEDULES:
             raise SuperweightsError(f"anytime.schedule must be one of {', '.join(SCHEDULES)}, got {self.anytime.schedule!r}")
+        if self.anytime.exit_score not in EXIT_SCORES:
+            raise SuperweightsError(f"anytime.exit_score must be one of {', '.join(EXIT_SCORES)}, "
+                                    f"got {self.anytime.exit_score!r}")
         if self.anytime.schedule == "explicit" and not self.anytime.order:
             raise SuperweightsError("anytime.schedule = \"explicit\" needs anytime.order (a member index per step)")
         n = len(self.ensemble.members)
