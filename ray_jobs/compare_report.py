@@ -99,15 +99,21 @@ COLUMNS = ["method", "budget", "seeds", "total_params", "pct_of_full", "accuracy
            "member_accuracy", "disagreement", "nll", "ece", "nll_calibrated", "ece_calibrated", "auc"]
 
 
+def _cell(value) -> str:
+    return "" if value == "" else f"{value:.4f}"  # "" = runs logged before the metric existed
+
+
 def format_markdown(report: dict) -> str:
+    # calibrated = after the temperature fitted on validation (issue 15): next to the raw figure it belongs to
     lines = ["| method | budget | seeds | total params | % of full | ensemble accuracy | mean member accuracy "
-             "| disagreement | NLL | ECE | anytime AUC |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| disagreement | NLL | NLL calibrated | ECE | ECE calibrated | anytime AUC |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
         pct = f"{r['pct_of_full']:.1f}%" if r["pct_of_full"] != "" else ""
         lines.append(f"| {r['method']} | {r['budget']} | {r['seeds']} | {r['total_params']:,} | {pct} | "
                      f"{r['accuracy_mean']:.4f} +- {r['accuracy_std']:.4f} | {r['member_accuracy']:.4f} | "
-                     f"{r['disagreement']:.4f} | {r['nll']:.4f} | {r['ece']:.4f} | {r['auc']:.4f} |")
+                     f"{r['disagreement']:.4f} | {r['nll']:.4f} | {_cell(r['nll_calibrated'])} | {r['ece']:.4f} | "
+                     f"{_cell(r['ece_calibrated'])} | {r['auc']:.4f} |")
     return "\n".join(lines)
 
 

@@ -41,7 +41,11 @@ def test_launch_trains_every_variant_and_writes_the_report(launched):
         if r["method"].startswith("member "):
             assert r["member_accuracy"] == r["accuracy_mean"] and r["disagreement"] == 0.0
     assert 0 <= full["disagreement"] <= 1 and 0 <= full["member_accuracy"] <= 1  # 1 epoch: members may each predict one class
-    assert "| mean member accuracy | disagreement |" in (work / "launch" / "comparison.md").read_text()
+    md = (work / "launch" / "comparison.md").read_text()
+    assert "| mean member accuracy | disagreement | NLL | NLL calibrated | ECE | ECE calibrated |" in md
+    for r in rows:  # the calibrated figures of issue 15 in the Markdown table, not only in the CSV
+        assert isinstance(r["nll_calibrated"], float) and isinstance(r["ece_calibrated"], float)
+        assert f"| {r['nll']:.4f} | {r['nll_calibrated']:.4f} | {r['ece']:.4f} | {r['ece_calibrated']:.4f} |" in md
     for name in ("comparison.csv", "comparison.md", "accuracy_vs_params.png", "anytime_overlay.png"):
         assert (work / "launch" / name).stat().st_size > 0
     assert first.stdout.count(": done") == 4
