@@ -90,6 +90,10 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=None, help="default: train.seed")
     p.add_argument("--joint", action="store_true", help="every member on the same batches (like our loop)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    p.add_argument("--init", choices=("reference", "ours"), default="reference",
+                   help="reference: WRN's Kaiming fan_out convs + PyTorch's default classifier; ours: the `full` "
+                        "baseline's He fan_in normal on every conv and linear layer (ensemble.methods.he_init_), "
+                        "to tell an init effect from a loop effect")
     p.add_argument("--vs-ours", action="store_true", help="also train our full ensemble first; compare side by side")
     p.add_argument("--write", action="store_true", help="with --vs-ours: write the BENCHMARKS.md section")
     args = p.parse_args()
@@ -126,12 +130,15 @@ def main() -> int:
     print(f"plain loop: {len(names)} members ({', '.join(names)}) on {cfg.data.name} {tuple(x_tr.shape[-2:])}: "
           f"{len(y_tr)} train / {len(y_te)} test images, {t.epochs} epochs, bs {t.batch_size}, lr {t.lr}, "
           f"wd {t.weight_decay}, augment {augment} (pad {pad}), seed {seed}, "
-          f"{'joint batches' if args.joint else 'independent members'}, {torch.get_num_threads()} threads")
+          f"{'joint batches' if args.joint else 'independent members'}, {args.init} init, "
+          f"{torch.get_num_threads()} threads")
 
     torch.manual_seed(seed)
     models = [create_model(n, info.in_channels, info.num_classes) for n in names]
+    from ensemble.methods import he_init_
+
     for m in models:
-        init_reference(m)
+        (init_reference if args.init == "reference" else he_init_)(m)
     steps = t.epochs * math.ceil(len(y_tr) / t.batch_size)
     opts, scheds = [], []
     for m in models:
