@@ -1,7 +1,9 @@
 """THE training loop: every training in the project is `run(...)` (`superweights train` on any number of
 Ray workers, 0 included, `python -m ray_jobs.train`, every `compare` child, `fit`).
 
-The method's learning steps are phases of this loop, on every worker layout (`Collective`):
+The method's learning steps are phases of this loop, on every worker layout (`Collective`). Whether and
+when each runs is the bank-method table's answer (`method_of(config).steps`, a `LearningSteps` of
+`ensemble.bank_method`): the loop asks it and never names a method itself.
 
     plan = learned SSN groups (pre-training + k-means, rank 0, broadcast)   if bank.ssn_groups = "learned"
     for epoch in warm-up epochs (bank.grouping = "gradient") + train.epochs:
@@ -38,7 +40,7 @@ from .collective import Collective
 from .config import Config
 from .data import DataSplits, load_data
 from .grouping import regroup_plan, unshare_coefficients
-from .methods import build_ensemble, make_ssn_plan
+from .methods import build_ensemble, make_ssn_plan, method_of
 from .model import StackedEnsemble
 from .ssn_model import learned_ssn_groups
 from .train_state import read_train_state, restore_into, write_train_state
@@ -52,15 +54,14 @@ class Diverged(SuperweightsError):
 def diverged_message(config: Config, where: str, what: str) -> str:
     t, b = config.train, config.bank
     hint = f"lower train.lr (now {t.lr:g})"
-    if b.method != "full":
+    if method_of(config).has_bank:
         hint += f"; a very small bank.budget (now {b.budget:g}) can also make training unstable"
     return f"training diverged at {where}: {what} is not finite (NaN or infinity); {hint}"
 
 
 def warmup_epochs(config: Config) -> int:
-    """Epochs on depth-bin groups before gradient regrouping (0 unless bank.grouping = "gradient")."""
-    b = config.bank
-    return config.grouping.warmup_epochs if b.method == "superweights" and b.grouping == "gradient" else 0
+    """Epochs on depth-bin groups before gradient regrouping (the method's `LearningSteps`; 0 = none)."""
+    return method_of(config).steps.warmup_epochs(config)
 
 
 def total_epochs(config: Config) -> int:
@@ -131,9 +132,9 @@ def _fresh(config: Config, data: DataSplits, plan, device, epochs: int, accel: A
 def initial_plan(config: Config, data: DataSplits, device, comm: Collective, log: Callable[[str], None]):
     """The plan the first epoch trains on: None (from the config) except for learned SSN groups, which rank 0
     finds by pre-training (deterministic under train.seed) and broadcasts, so every worker builds the same."""
-    b = config.bank
-    if b.method != "ssn" or b.ssn_groups != "learned":
+    if not method_of(config).steps.pretrains(config):
         return None
+    b = config.bank
     groups = None
     if comm.is_main:
         groups = learned_ssn_groups(config, data.info, data, device, b.pretrain_steps, b.groups, b.max_templates)
@@ -151,8 +152,9 @@ def run(config: Config, data: DataSplits, device, comm: Collective | None = None
     session = session or Session()
     device = torch.device(device)
     accel = Accelerator(config, device)  # train.precision / channels_last / compile (refuses bf16 where unsupported)
-    t, b = config.train, config.bank
-    warm = warmup_epochs(config)
+    t = config.train
+    learning = method_of(config).steps  # when the method's learning steps run
+    warm = learning.warmup_epochs(config)
     total = warm + t.epochs
     history: list[dict] = []
     resumes: list[int] = []
@@ -209,7 +211,7 @@ def run(config: Config, data: DataSplits, device, comm: Collective | None = None
                        seconds=time.perf_counter() - began)
             log(epoch_line(row, total))
         # -- the method's learning steps (collective: every rank takes part) --
-        if epoch + 1 == warm:
+        if learning.regroups_after(config, epoch + 1):
             depth_groups = len(model.plan.groups)
             plan, used = regroup_plan(model, loader, config, device, warm, comm)
             model, optimizer, scheduler = _fresh(config, data, plan, device, t.epochs, accel)
@@ -218,7 +220,7 @@ def run(config: Config, data: DataSplits, device, comm: Collective | None = None
             if comm.is_main:
                 log(f"gradient grouping: {depth_groups} depth groups -> {len(plan.groups)} groups at threshold "
                     f"{used:.3g} ({len(plan.blocks)} blocks, budget {plan.bank_params:,} exact); model re-initialised")
-        if b.method == "superweights" and b.unshare_epoch and epoch + 1 == warm + b.unshare_epoch:
+        if learning.unshares_after(config, epoch + 1):
             pairs = unshare_coefficients(model, optimizer, loader, config, device, epoch, comm)
             comm.attach(model)
             row.update(unshared_pairs=pairs, coefficient_sets=model.plan.num_coef_sets,

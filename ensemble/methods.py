@@ -1,7 +1,7 @@
 """The bank methods, in one table: `superweights`, `ssn` (NPAS Shapeshifter Networks) and `full`.
 
-`METHODS[config.bank.method]` is a `BankMethod`; every question whose answer depends on the method is
-asked of it here, and nowhere else:
+`METHODS[config.bank.method]` is a `BankMethod` (`ensemble.bank_method`); every question whose answer
+depends on the method is asked of it, and nowhere else:
 
 * `plan(config, info, slots)`: the plan the config lays out over the members' slots (None: no bank);
 * `build(config, info, members, names, plan)`: the ensemble on that plan (seeded by `train.seed`);
@@ -9,31 +9,45 @@ asked of it here, and nowhere else:
 * `relayout(config, info, slots, plan)`: a saved plan laid out again, to check it (`ensemble.checkpoint`);
 * `plan_type`: what reads plan.json's `bank` (`Plan`, `SSNPlan`, None);
 * `start_layout(config)`: where the plan is only learned during training (learned SSN groups), the config
-  whose plan describes the run's start; None where the plan is known before training.
+  whose plan describes the run's start; None where the plan is known before training;
+* `steps`: when the method's learning steps run during training (`LearningSteps`: gradient-regrouping
+  warm-up, coefficient unsharing, pre-training for learned groups). `ensemble.loop` runs them where these
+  say, and asks nothing else about the method.
 
-`make_plan`, `build_ensemble` and `plan_summary` are the three ways in; the method's learning steps during
-training (gradient regrouping, coefficient unsharing, learned SSN groups) are phases of `ensemble.loop`.
+Each method's functions are in its own file (`method_superweights`, `method_ssn`, `method_full`); the table
+below says which function answers which question. `make_plan`, `build_ensemble` and `plan_summary` are the
+three ways in.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
-from collections import Counter
-from collections.abc import Callable
-from dataclasses import dataclass
-
-import torch
-from torch import nn
-
-from core.errors import SuperweightsError
 from core.flops import module_flops
-from core.plan import Plan, SlotSpec, build_plan
-from core.ssn import SSNPlan, build_ssn_plan, ssn_groups
+from core.plan import Plan, SlotSpec
+from core.ssn import SSNPlan
 
+from .bank_method import FROM_CONFIG, FROM_LEARNED, AnyPlan, BankMethod, Counts, LearningSteps
 from .config import Config
 from .data import DatasetInfo
-from .model import SSNEnsemble, StackedEnsemble, SuperWeightEnsemble
+from .method_full import full_build, full_summary, he_init_
+from .method_ssn import (
+    learns_groups,
+    make_ssn_plan,
+    ssn_build,
+    ssn_method_summary,
+    ssn_plan,
+    ssn_relayout,
+    ssn_start,
+    ssn_summary,
+)
+from .method_superweights import (
+    gradient_warmup_epochs,
+    superweights_build,
+    superweights_plan,
+    superweights_relayout,
+    superweights_summary,
+    unshare_epoch,
+)
+from .model import StackedEnsemble
 from .planning import (
     build_members,
     check_bank_memory,
@@ -44,200 +58,23 @@ from .planning import (
     meta_members,
 )
 
-AnyPlan = Plan | SSNPlan | None
-
-
-@dataclass(frozen=True)
-class Counts:
-    """What every summary reports: the members' rows and parameter counts without a bank."""
-
-    rows: list[dict]  # [{name, params, flops}] per member
-    slot_weights: int  # weights of every slot (what a bank generates)
-    full: int  # parameters of the full-parameter ensemble
-    private: int  # norms, biases: parameters no bank generates
-
-
-@dataclass(frozen=True)
-class BankMethod:
-    name: str
-    plan_type: type | None
-    plan: Callable[[Config, DatasetInfo, list[SlotSpec]], AnyPlan]
-    build: Callable[[Config, DatasetInfo, list[nn.Module], list[str], AnyPlan], StackedEnsemble]
-    summary: Callable[[Config, list[SlotSpec], AnyPlan, Counts], dict]
-    relayout: Callable[[Config, DatasetInfo, list[SlotSpec], AnyPlan], tuple[AnyPlan, str]]
-    start_layout: Callable[[Config], Config | None] = lambda config: None
-
-    @property
-    def has_bank(self) -> bool:
-        return self.plan_type is not None
-
-
-FROM_CONFIG = "when laid out from config.json"
-FROM_LEARNED = "when its learned groups are laid out again"
-
-
-# -- superweights ---------------------------------------------------------------------------------------
-
-
-def _superweights_plan(config: Config, info: DatasetInfo, slots: list[SlotSpec]) -> Plan:
-    b = config.bank
-    return build_plan(slots, b.budget, depth_bins=b.depth_bins, max_templates=b.max_templates,
-                      share_coefficients=b.share_coefficients)
-
-
-def _superweights_build(config, info, members, names, plan: Plan) -> SuperWeightEnsemble:
-    generator = torch.Generator().manual_seed(config.train.seed)
-    return SuperWeightEnsemble(members, names, info.mean, info.std, plan, generator,
-                               exit_weights=config.ensemble.exit_weights)
-
-
-def _superweights_summary(config: Config, slots, plan: Plan, c: Counts) -> dict:
-    names = config.ensemble.members
-    return {
-        "budget": plan.budget,
-        "budget_ratio": plan.budget / c.slot_weights,
-        "bank_params": plan.bank_params,
-        "coefficient_params": plan.coefficient_params,
-        "grouping": config.bank.grouping,
-        "coefficient_sets": plan.num_coef_sets,
-        "shared_slot_pairs": sum(n * (n - 1) // 2 for n in Counter(plan.slot_coef).values()),
-        "private_params": c.private,
-        "total_params": plan.bank_params + plan.coefficient_params + c.private,
-        "full_ensemble_params": c.full,
-        "members": c.rows,
-        "groups": [
-            {
-                "id": g.id,
-                "kind": g.kind,
-                "slots": [f"{names[plan.slots[i].member]}:{plan.slots[i].name}" for i in g.slots],
-                "blocks": [
-                    {"shape": list(plan.blocks[b].shape), "templates": plan.blocks[b].templates, "params": plan.blocks[b].params}
-                    for b in sorted(g.blocks.values())
-                ],
-            }
-            for g in plan.groups
-        ],
-    }
-
-
-def _superweights_relayout(config: Config, info, slots, plan: Plan) -> tuple[Plan, str]:
-    b = config.bank
-    if b.grouping == "depth" and not b.unshare_epoch:
-        return _superweights_plan(config, info, slots), FROM_CONFIG
-    # regrouped by gradients and/or coefficients unshared: the groups and sets are learned
-    return build_plan(plan.slots, plan.budget, b.depth_bins, plan.max_templates, group_of=plan.slot_group,
-                      coef_of=plan.slot_coef), FROM_LEARNED
-
-
-# -- ssn ------------------------------------------------------------------------------------------------
-
-
-def make_ssn_plan(config: Config, info: DatasetInfo, upsample: str = "repeat", groups_mode: str = "depth",
-                  max_templates: int = 4, budget: int | float | None = None, groups: list[int] | None = None,
-                  slots: list[SlotSpec] | None = None) -> SSNPlan:
-    """SSN plan of the config's members. `groups` (explicit ids per slot) wins over `groups_mode`;
-    `learned` needs them (from `ensemble.ssn_model.learned_ssn_groups`). `depth` uses `config.bank.depth_bins` bins."""
-    slots = slots if slots is not None else member_slots(config, info)
-    if groups is None:
-        if groups_mode == "learned":
-            raise SuperweightsError("learned SSN groups need a pre-training first: call learned_ssn_groups(...) "
-                                    "and pass its result as groups")
-        groups = ssn_groups(slots, groups_mode, config.bank.depth_bins)
-    return build_ssn_plan(slots, config.bank.budget if budget is None else budget, groups, max_templates, upsample)
-
-
-def _ssn_plan(config: Config, info: DatasetInfo, slots: list[SlotSpec]) -> SSNPlan:
-    b = config.bank
-    if b.ssn_groups == "learned":
-        raise SuperweightsError("learned SSN groups are found by pre-training during `superweights train`; "
-                                "`superweights plan --from CHECKPOINT` shows them")
-    return make_ssn_plan(config, info, b.upsample, b.ssn_groups, b.max_templates, b.budget, slots=slots)
-
-
-def _ssn_build(config, info, members, names, plan: SSNPlan) -> SSNEnsemble:
-    generator = torch.Generator().manual_seed(config.train.seed)
-    return SSNEnsemble(members, names, info.mean, info.std, plan, generator, exit_weights=config.ensemble.exit_weights)
-
-
-def ssn_summary(plan: SSNPlan, member_names: list[str]) -> dict:
-    """Plan fields for `plan --json`-style summaries (SSN groups have no blocks/kind: they are flat vectors)."""
-    return {
-        "budget": plan.budget,
-        "bank_params": plan.bank_params,
-        "coefficient_params": plan.coefficient_params,
-        "mask_params": plan.mask_params,
-        "upsample": plan.upsample,
-        # 0 means every slot is a wavg slot (high budgets): then repeat, mask and inter are the same model
-        "upsampled_slots": sum(lay.mode != "wavg" for lay in plan.slot_layout),
-        "groups": [
-            {
-                "id": g.id,
-                "params": g.params,
-                "slots": [
-                    {"slot": f"{member_names[plan.slots[i].member]}:{plan.slots[i].name}",
-                     "mode": plan.slot_layout[i].mode, "templates": plan.slot_layout[i].templates}
-                    for i in g.slots
-                ],
-            }
-            for g in plan.groups
-        ],
-    }
-
-
-def _ssn_summary(config: Config, slots, plan: SSNPlan, c: Counts) -> dict:
-    ssn = ssn_summary(plan, list(config.ensemble.members))
-    return {**ssn, "budget_ratio": ssn["budget"] / c.slot_weights, "private_params": c.private,
-            "total_params": ssn["bank_params"] + ssn["coefficient_params"] + c.private,
-            "full_ensemble_params": c.full, "members": c.rows}
-
-
-def _ssn_relayout(config: Config, info, slots, plan: SSNPlan) -> tuple[SSNPlan, str]:
-    b = config.bank
-    if b.ssn_groups != "learned":
-        return make_ssn_plan(config, info, b.upsample, b.ssn_groups, b.max_templates, b.budget, slots=slots), FROM_CONFIG
-    return build_ssn_plan(plan.slots, plan.budget, plan.slot_group, plan.max_templates, plan.upsample,
-                          plan.layout), FROM_LEARNED
-
-
-def _ssn_start(config: Config) -> Config | None:
-    """Learned groups only exist after the loop's pre-training: the run starts from the depth-bin layout
-    (same exact budget, same members and FLOPs)."""
-    b = config.bank
-    if b.ssn_groups != "learned":
-        return None
-    return dataclasses.replace(config, bank=dataclasses.replace(b, ssn_groups="depth"))
-
-
-# -- full -----------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def he_init_(module: nn.Module) -> None:
-    """The `full` baseline's init: He (fan_in, ReLU) normal for conv/linear weights, zero biases."""
-    for m in module.modules():
-        if isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d | nn.Linear):
-            nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / m.weight[0].numel()))
-            if m.bias is not None:
-                m.bias.zero_()
-
-
-def _full_build(config, info, members, names, plan: None) -> StackedEnsemble:
-    for m in members:
-        he_init_(m)
-    return StackedEnsemble(members, names, info.mean, info.std, exit_weights=config.ensemble.exit_weights)
-
-
-def _full_summary(config: Config, slots, plan: None, c: Counts) -> dict:
-    return {"budget": c.slot_weights, "bank_params": 0, "coefficient_params": 0, "private_params": c.private,
-            "total_params": c.full, "full_ensemble_params": c.full, "members": c.rows, "groups": []}
+__all__ = [
+    "FROM_CONFIG", "FROM_LEARNED", "METHODS", "AnyPlan", "BankMethod", "Counts", "LearningSteps",
+    "build_ensemble", "he_init_", "make_plan", "make_ssn_plan", "method_of", "plan_summary", "ssn_summary",
+]
 
 
 METHODS: dict[str, BankMethod] = {
-    "superweights": BankMethod("superweights", Plan, _superweights_plan, _superweights_build, _superweights_summary,
-                               _superweights_relayout),
-    "ssn": BankMethod("ssn", SSNPlan, _ssn_plan, _ssn_build, _ssn_summary, _ssn_relayout, _ssn_start),
-    "full": BankMethod("full", None, lambda config, info, slots: None, _full_build, _full_summary,
-                       lambda config, info, slots, plan: (None, FROM_CONFIG)),
+    "superweights": BankMethod(
+        "superweights", Plan, plan=superweights_plan, build=superweights_build, summary=superweights_summary,
+        relayout=superweights_relayout,
+        steps=LearningSteps(warmup_epochs=gradient_warmup_epochs, unshare_epoch=unshare_epoch)),
+    "ssn": BankMethod(
+        "ssn", SSNPlan, plan=ssn_plan, build=ssn_build, summary=ssn_method_summary, relayout=ssn_relayout,
+        start_layout=ssn_start, steps=LearningSteps(pretrains=learns_groups)),
+    "full": BankMethod(
+        "full", None, plan=lambda config, info, slots: None, build=full_build, summary=full_summary,
+        relayout=lambda config, info, slots, plan: (None, FROM_CONFIG)),
 }
 
 
