@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.common import write_section  # noqa: E402
-from ray_jobs.compare import METHODS, compare, format_markdown  # noqa: E402
+from ray_jobs.compare import compare, format_markdown  # noqa: E402
+from ray_jobs.compare_plan import METHODS  # noqa: E402
 
 
 def versus_full(rows: list[dict]) -> list[str]:

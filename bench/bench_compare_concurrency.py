@@ -23,7 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.common import write_section  # noqa: E402
-from ray_jobs.compare import METHODS, ChildResources, compare, format_markdown  # noqa: E402
+from ray_jobs.compare import ChildResources, compare, format_markdown  # noqa: E402
+from ray_jobs.compare_plan import METHODS  # noqa: E402
 
 DEFAULT_BUDGETS = "0.1,0.25,0.5,0.83,1.0,2.0"  # `superweights compare`'s defaults
 DEFAULT_SEEDS = 3

@@ -14,118 +14,29 @@ Ray Serve, three ways:
 Every replica resolves MODEL itself (an MLflow URI is the portable choice on a multi-node cluster; a folder
 must exist on every node). `ray` and `mlflow` are imported lazily: `superweights serve` without `--ray`
 never imports ray.
+
+This module is the command: uvicorn (`run_uvicorn`) or Ray Serve (`run_ray`). Its pieces: `serve_options`
+(the flags and `[serve]`), `serve_deployment` (the Ray Serve replica and app, and `load_service`).
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
-import json
 import signal
 import socket
 import sys
 import threading
 import time
-from dataclasses import asdict, fields
 
 from core.errors import SuperweightsError
 
 from .exit_codes import run_guarded
 from .model_uri import resolved_model
+from .serve_deployment import build_app, deployment, load_service  # noqa: F401  (build_app: Ray's `serve run`)
+from .serve_options import add_serve_arguments, serve_config_from_args, settings_from_args
 
 APP_NAME = "superweights-anytime"
-
-
-def add_serve_arguments(p: argparse.ArgumentParser) -> None:
-    """The serve command's options (shared by `superweights serve` and `python -m ray_jobs.serve`). Every flag
-    but MODEL and --tracking-uri/--ray has a `[serve]` config key of the same name (`--config`, `--set
-    serve.port=9000`); a flag given overrides it: flag > --set > TOML > default."""
-    from ensemble.config import ServeConfig
-
-    d = ServeConfig()
-    p.add_argument("model", metavar="MODEL",
-                   help="checkpoint folder, runs:/<run id>[/path] or models:/<name>/<version> (MLflow)")
-    p.add_argument("--config", "-c", help="TOML config file whose [serve] section sets the defaults below")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override one config key with a TOML value, e.g. serve.port=9000; repeatable")
-    p.add_argument("--host", help=f"interface to listen on (default: {d.host})")
-    p.add_argument("--port", type=int, help=f"port (default: {d.port}; 0 = any free port)")
-    p.add_argument("--tracking-uri",
-                   help="MLflow tracking URI for runs:/ and models:/ (default: $MLFLOW_TRACKING_URI, else "
-                        "sqlite:///<cwd>/mlflow.db)")
-    p.add_argument("--device", help=f"cpu, cuda or cuda:N (default: {d.device})")
-    p.add_argument("--threads", type=int,
-                   help=f"torch intra-op threads (default: {d.threads}; small micro-batches gain little from more, and "
-                        "spinning threads slow everything down when the cores are shared)")
-    p.add_argument("--no-access-log", action="store_true", help="do not log every request (uvicorn)")
-    g = p.add_argument_group("limits and micro-batching")
-    g.add_argument("--max-body-mb", type=float,
-                   help=f"largest request body in MiB, larger is a 413 (default: {d.max_body_mb:g})")
-    g.add_argument("--max-images", type=int, help=f"most images per request (default: {d.max_images})")
-    g.add_argument("--max-batch-images", type=int, help=f"most images per micro-batch (default: {d.max_batch_images})")
-    g.add_argument("--batch-window-ms", type=float,
-                   help="how long a FLOPs/no-budget request waits for others with the same budget "
-                        f"(default: {d.batch_window_ms:g}; 0 = only batch what is already queued)")
-    g.add_argument("--max-pending", type=int, help=f"queued requests beyond this get 503 (default: {d.max_pending})")
-    g.add_argument("--deadline-margin-ms", type=float,
-                   help=f"time kept free at the end of a deadline (default: {d.deadline_margin_ms:g})")
-    g.add_argument("--any-input-range", action="store_true",
-                   help="accept any finite input values (default: serve.input_range, [0, 1], the loader's scale)")
-    r = p.add_argument_group("Ray Serve")
-    r.add_argument("--ray", action="store_true", help="deploy on Ray Serve instead of a local uvicorn")
-    r.add_argument("--replicas", type=int, help=f"replicas (default: {d.replicas})")
-    r.add_argument("--max-ongoing-requests", type=int,
-                   help=f"requests a replica holds at once; its micro-batcher groups them (default: {d.max_ongoing_requests})")
-    r.add_argument("--replica-cpus", type=float, help=f"CPUs reserved per replica (default: {d.replica_cpus:g})")
-    r.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else the running local cluster, "
-                                    "else a new local Ray)")
-
-
-_FLAG_KEYS = ("host", "port", "device", "threads", "max_body_mb", "max_images", "max_batch_images", "batch_window_ms",
-              "max_pending", "deadline_margin_ms", "replicas", "max_ongoing_requests", "replica_cpus",
-              "address")  # argparse dest == ServeConfig field
-
-
-def serve_config_from_args(args):
-    """`[serve]` of --config / --set (checked by the loader), then the flags given (checked here, named as flags)."""
-    import dataclasses
-
-    from ensemble.config import load_config
-
-    serve_config = load_config(getattr(args, "config", None), list(getattr(args, "overrides", []) or [])).serve
-    given = {k: getattr(args, k) for k in _FLAG_KEYS if getattr(args, k, None) is not None}
-    if getattr(args, "no_access_log", False):
-        given["access_log"] = False
-    if getattr(args, "any_input_range", False):
-        given["input_range"] = ()
-    if "max_body_mb" in given and not given["max_body_mb"] > 0:
-        raise SuperweightsError(f"--max-body-mb must be > 0, got {given['max_body_mb']:g}")
-    if "threads" in given and given["threads"] < 1:
-        raise SuperweightsError(f"--threads must be >= 1, got {given['threads']}")
-    if "port" in given and not 0 <= given["port"] <= 65535:
-        raise SuperweightsError(f"--port must be in 0..65535, got {given['port']}")
-    return dataclasses.replace(serve_config, **given)
-
-
-def settings_from_args(args, serve_config=None):
-    """The service's `ServeSettings`: the view of `serve_config_from_args(args)` with the device resolved."""
-    from anytime.serve_service import ServeSettings
-    from ensemble.training import resolve_device
-
-    sc = serve_config if serve_config is not None else serve_config_from_args(args)
-    return ServeSettings.from_config(sc, device=str(resolve_device(sc.device)))
-
-
-def load_service(model: str, tracking_uri: str | None, settings, threads: int | None = None):
-    """Resolve MODEL (folder or MLflow URI) and build the service (weights materialised, steps timed)."""
-    import torch
-
-    from anytime.serve_service import AnytimeService
-
-    if threads:
-        torch.set_num_threads(threads)
-    with resolved_model(model, tracking_uri) as folder:
-        return AnytimeService.from_folder(folder, settings, source=model)
 
 
 def _listen(host: str, port: int) -> socket.socket:
@@ -170,71 +81,6 @@ def run_uvicorn(args, settings, log=print, serve_config=None) -> int:
 
 
 # -- Ray Serve --------------------------------------------------------------------------------------------
-
-
-class AnytimeDeployment:
-    """One Ray Serve replica: resolves and loads MODEL, then serves `create_app(service)` (the app uvicorn
-    serves) via `serve.ingress()` + `__serve_build_asgi_app__`. `predict(payload)` is the same request path
-    for deployment handles (no HTTP)."""
-
-    def __init__(self, model: str, tracking_uri: str | None = None, settings: dict | None = None,
-                 threads: int | None = None):
-        from anytime.serve_service import ServeSettings
-
-        self.service = load_service(model, tracking_uri, ServeSettings(**(settings or {})), threads)
-        gc.collect()
-        gc.freeze()  # as run_uvicorn: a replica process serves only this model
-
-    def __serve_build_asgi_app__(self):
-        from anytime.http_app import create_app
-
-        return create_app(self.service)
-
-    async def predict(self, payload: dict | bytes) -> dict:
-        body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-        return await self.service.predict_body(body)
-
-    async def model_info(self) -> dict:
-        return self.service.model_info()
-
-
-def deployment(model: str, tracking_uri: str | None = None, settings=None, *, replicas: int = 1,
-               max_ongoing_requests: int = 16, replica_cpus: float = 1.0, threads: int | None = None):
-    """The Ray Serve application (bound deployment) serving MODEL; `serve.run(deployment(...))`."""
-    from ray import serve
-
-    from anytime.serve_service import ServeSettings
-
-    if replicas < 1 or max_ongoing_requests < 1:
-        raise SuperweightsError(f"--replicas and --max-ongoing-requests must be >= 1, got {replicas} "
-                                f"and {max_ongoing_requests}")
-    settings = settings if settings is not None else ServeSettings()
-    cls = serve.deployment(serve.ingress()(AnytimeDeployment), name="AnytimeDeployment", num_replicas=replicas,
-                           max_ongoing_requests=max_ongoing_requests,
-                           ray_actor_options={"num_cpus": replica_cpus})
-    return cls.bind(model, tracking_uri, asdict(settings), threads)
-
-
-def build_app(args: dict):
-    """App builder for Ray's CLI: `serve run ray_jobs.serve:build_app model=... [replicas=2] [tracking_uri=...]
-    [max_ongoing_requests=16] [any ServeSettings field=value]`."""
-    from anytime.serve_service import ServeSettings
-
-    args = dict(args)
-    if "model" not in args:
-        raise SuperweightsError("build_app needs model=<checkpoint folder or MLflow URI>")
-    model, tracking_uri = args.pop("model"), args.pop("tracking_uri", None)
-    opts = {k: type(v)(args.pop(k)) for k, v in (("replicas", 1), ("max_ongoing_requests", 16),
-                                                 ("replica_cpus", 1.0)) if k in args}
-    kinds = {f.name: f.type for f in fields(ServeSettings)}
-    unknown = sorted(set(args) - set(kinds))
-    if unknown:
-        raise SuperweightsError(f"unknown build_app arguments {unknown}; valid: model, tracking_uri, replicas, "
-                                f"max_ongoing_requests, replica_cpus, {', '.join(kinds)}")
-    conv = {"int": int, "float": float, "str": str}
-    settings = ServeSettings(**{k: conv.get(kinds[k], json.loads)(v) if isinstance(v, str) else v
-                                for k, v in args.items()})
-    return deployment(model, tracking_uri, settings, **opts)
 
 
 def run_ray(args, settings, log=print, serve_config=None) -> int:
