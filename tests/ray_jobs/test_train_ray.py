@@ -106,7 +106,10 @@ def test_worker_crash_resumes_from_last_checkpoint_without_losing_or_repeating_e
     assert out.extra["resumes"] == [2]  # ... and resumed at the epoch-2 checkpoint, not from scratch
     assert [h["epoch"] for h in out.history] == [1, 2, 3, 4]
     ref = fit(config, None, progress=False, log=lambda s: None)
-    assert_same_weights(out.checkpoint, ref.model)
+    # atol 5e-6: on some x86 CPUs a BatchNorm bias of norm ~3e-3 ends 1.5e-6 away from single-process training
+    # (member-parallel gradient sums round differently, measured 2026-12-02); one epoch lost or repeated moves
+    # such a bias by ~1e-4 (2 steps at lr 0.005), and the loss history below checks every epoch to 1e-5.
+    assert_same_weights(out.checkpoint, ref.model, atol=5e-6)
     assert [h["train_loss"] for h in out.history] == pytest.approx([h["train_loss"] for h in ref.history], rel=1e-5)
 
     run = mlflow_run(mlflow_uri, out.mlflow_run_id)
