@@ -12,6 +12,10 @@
    in this process (Ray Train V2 local mode): one code path;
 5. end the MLflow run FINISHED, or FAILED/KILLED on any error, and copy the final model files to `out`.
 
+`ray.storage_path` and `out` are plain paths or URIs (s3://, gs://, file://, anything `pyarrow.fs` opens, as
+Ray Train's storage does): Ray Train gets the storage URI as it is and moves a worker group's checkpoints
+itself; this driver's own files there go through `ray_jobs.storage_uri`.
+
 The settings come from the config's `[ray]` (and `[debug]`) sections (`ray_jobs.options.RayOptions` is their
 view; command-line flags are written into the config before this point). Cluster plumbing lives in
 `ray_jobs.ray_cluster`, the `TorchTrainer` call in `ray_jobs.ray_fit`.
@@ -22,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
+import posixpath
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,6 +41,7 @@ from .options import RayOptions
 from .orphans import fail_orphaned_runs
 from .ray_cluster import _cluster_check, _init_ray, check_ray_address  # noqa: F401  (_init_ray: bench/)
 from .ray_fit import fit
+from .storage_uri import Location, check_reachable, is_complete, location
 from .tracking import (
     EXPERIMENT,
     check_tracking_uri,
@@ -53,10 +58,11 @@ RUN_FILE = "superweights_run.json"  # in <storage>/<name>: MLflow run id + track
 
 @dataclass
 class TrainOutcome:
+    # Paths for plain paths; `storage_uri.Location`s (str() = the URI) where the storage or --out is a URI
     run_name: str
-    run_dir: Path
-    checkpoint: Path  # the final checkpoint folder in storage
-    out_dir: Path | None
+    run_dir: Path | Location
+    checkpoint: Path | Location  # the final checkpoint folder in storage
+    out_dir: Path | Location | None
     metrics: dict  # test metrics (metrics.json content)
     history: list[dict]
     layout: Layout
@@ -72,14 +78,14 @@ def _ray_address(options: RayOptions) -> str:
     return options.address or os.environ.get("RAY_ADDRESS", "")
 
 
-def _resolve_run(storage: Path, name: str | None, method: str) -> tuple[str, Path, dict | None]:
+def _resolve_run(storage: Location, name: str | None, method: str) -> tuple[str, Location, dict | None]:
     name = name or f"{method}-{time.strftime('%Y%m%d-%H%M%S')}"
     if "/" in name or name in ("", ".", ".."):
         raise SuperweightsError(f"run name {name!r} must be a plain folder name")
     run_dir = storage / name
     record = None
     if (run_dir / RUN_FILE).is_file():
-        record = json.loads((run_dir / RUN_FILE).read_text())
+        record = (run_dir / RUN_FILE).read_json()
     return name, run_dir, record
 
 
@@ -87,22 +93,22 @@ def _resolve_run(storage: Path, name: str | None, method: str) -> tuple[str, Pat
 RESUMABLE_KEYS = ("train.epochs", "train.compile", "train.channels_last")
 
 
-def _check_same_config(run_dir: Path, config: Config) -> None:
+def _check_same_config(run_dir: Path | Location, config: Config) -> None:
     """Resuming continues the same training: only train.epochs may change (to train longer), and the sections
     that say where it runs ([ray], [serve], [debug]: another worker count is fine), which a config.json written
     before those sections existed lacks."""
     last = latest_local_checkpoint(run_dir)
-    if last is None or not (last / "config.json").is_file():
+    if last is None or not (saved_file := location(last) / "config.json").is_file():
         return
     # read through the loader, so a key added since the run was saved counts as its default (an older run resumes)
-    saved = from_dict(json.loads((last / "config.json").read_text())).flat()
+    saved = from_dict(saved_file.read_json()).flat()
     now = config.flat()
     for key in sorted(set(saved) | set(now)):
         if key.split(".")[0] in RUNTIME_SECTIONS or key in RESUMABLE_KEYS:
             continue
         if saved.get(key) != now.get(key):
             raise SuperweightsError(
-                f"run {run_dir.name!r} was trained with {key}={saved.get(key)!r}, not {now.get(key)!r}: resuming "
+                f"run {location(run_dir).name!r} was trained with {key}={saved.get(key)!r}, not {now.get(key)!r}: resuming "
                 "needs the same config (only train.epochs, train.compile and train.channels_last may change); pick another --name for a new run"
             )
 
@@ -134,11 +140,13 @@ def train(config: Config, options: RayOptions | None = None, *, name: str | None
 
     import ray
 
-    for option, value in (("--storage-path", options.storage_path), ("--out", out)):
-        if value is not None and "://" in str(value):  # Path() would turn s3://b/x into <cwd>/s3:/b/x silently
-            raise SuperweightsError(f"{option} {value!r} is a URI: checkpoints and model files go to a local or "
-                                    "NFS path (mounted on every node); cloud storage URIs are not supported yet")
-    storage = Path(options.storage_path).expanduser().absolute()
+    # Paths or URIs, parsed (a malformed URI or an unknown scheme is one line) and asked once, before anything
+    # starts: missing credentials or an unknown bucket must not surface as a traceback after the MLflow run began.
+    storage = location(options.storage_path, "--storage-path")
+    out_loc = location(out, "--out") if out is not None else None
+    for option, loc in (("--storage-path", storage), ("--out", out_loc)):
+        if loc is not None:
+            check_reachable(loc, option)
     run_name, run_dir, record = _resolve_run(storage, name, config.bank.method)
     if record and uri and record.get("tracking_uri") != uri:
         raise SuperweightsError(
@@ -195,7 +203,7 @@ def train(config: Config, options: RayOptions | None = None, *, name: str | None
             params = {**config.flat(), **plan_params(summary, labels)}
             run_id = start_run(uri, experiment=experiment, run_name=run_name, params=params, tags=tags,
                                resume_run_id=record.get("mlflow_run_id") if record else None)
-        run_dir.mkdir(parents=True, exist_ok=True)
+        run_dir.mkdir()
         if not record:
             (run_dir / RUN_FILE).write_text(json.dumps(
                 {"mlflow_run_id": run_id, "tracking_uri": uri, "experiment": experiment, "run_name": run_name}, indent=2))
@@ -206,7 +214,7 @@ def train(config: Config, options: RayOptions | None = None, *, name: str | None
             "tracking_uri": uri, "run_id": run_id, "checkpoint_every": options.checkpoint_every,
             "crash_at_epoch": options.crash_at_epoch, "use_gpu": options.use_gpu, "device": device,
         }
-        (run_dir / DIVERGED_FILE).unlink(missing_ok=True)  # a reason from an earlier attempt is not this one's
+        (run_dir / DIVERGED_FILE).delete()  # a reason from an earlier attempt is not this one's
         # Ctrl-C: Ray Train's own SIGINT handler (installed by fit() in the main thread) aborts the controller and
         # then leaves through sys.exit, so the run would end FAILED with exit 1 and no word. Fitting in a helper
         # thread keeps ^C ours: KeyboardInterrupt here, the run KILLED, and ray.shutdown() below stops the
@@ -215,22 +223,25 @@ def train(config: Config, options: RayOptions | None = None, *, name: str | None
         result = fit(spec, workers, options, run_name, storage, in_thread=started_ray and workers > 0)
         if (run_dir / DIVERGED_FILE).is_file():  # no model files: the run did not finish
             raise SuperweightsError((run_dir / DIVERGED_FILE).read_text().strip())
-        ckpt = Path(result.checkpoint.path) if result.checkpoint is not None else latest_local_checkpoint(run_dir)
-        if ckpt is None or not (ckpt / STATE_FILE).is_file():
+        # Ray names the checkpoint by its path on the storage's filesystem (a URI's prefix stripped): it lies in
+        # the run folder, which this driver names in the form the user gave (path or URI)
+        ckpt = run_dir / posixpath.basename(result.checkpoint.path.rstrip("/")) if result.checkpoint is not None \
+            else latest_local_checkpoint(run_dir)
+        if ckpt is None or not is_complete(ckpt):
             raise SuperweightsError(f"training ended without a final checkpoint in {run_dir}")
-        metrics = json.loads((ckpt / "metrics.json").read_text())
-        state = json.loads((ckpt / STATE_FILE).read_text())
-        out_dir = None
-        if out is not None:
-            out_dir = Path(out).expanduser().absolute()
-            out_dir.mkdir(parents=True, exist_ok=True)
+        metrics = (ckpt / "metrics.json").read_json()
+        state = (ckpt / STATE_FILE).read_json()
+        if out_loc is not None:
+            out_loc.mkdir()
+            present = ckpt.sizes(MODEL_FILES)
             for f in MODEL_FILES:
-                if (ckpt / f).is_file():
-                    shutil.copy2(ckpt / f, out_dir / f)
+                if present[f] is not None:
+                    (ckpt / f).copy_to(out_loc / f)
         status = "FINISHED"
         history = state["history"]
         metrics.pop("history", None)
-        return TrainOutcome(run_name, run_dir, ckpt, out_dir, metrics, history, layout, workers, uri, run_id,
+        return TrainOutcome(run_name, run_dir.native, ckpt.native, out_loc.native if out_loc else None, metrics,
+                            history, layout, workers, uri, run_id,
                             resumed=bool(record), seconds=time.perf_counter() - began,
                             extra={"resumes": state.get("resumes", [])})
     except KeyboardInterrupt:
@@ -252,11 +263,11 @@ def train(config: Config, options: RayOptions | None = None, *, name: str | None
             ray.shutdown()
 
 
-def _interrupted_line(run_name: str, run_dir: Path) -> str:
+def _interrupted_line(run_name: str, run_dir: Location) -> str:
     last = latest_local_checkpoint(run_dir)
     if last is None:
         return f"run {run_name} stopped before its first checkpoint (MLflow run KILLED)"
-    epoch = json.loads((last / STATE_FILE).read_text())["epoch"]
+    epoch = (last / STATE_FILE).read_json()["epoch"]
     return (f"run {run_name} stopped (MLflow run KILLED); its newest checkpoint is epoch {epoch} ({last}): "
             f"rerun with --name {run_name} to resume from there")
 

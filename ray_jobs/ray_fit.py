@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import logging
 import threading
-from pathlib import Path
 
 from core.errors import SuperweightsError
 
 from .options import RayOptions
 from .ray_cluster import worker_cpus
+from .storage_uri import Location
 from .worker import latest_local_checkpoint
 
 
@@ -46,7 +46,7 @@ def _fit_in_thread(trainer):
     return box["result"]
 
 
-def fit(spec: dict, workers: int, options: RayOptions, run_name: str, storage: Path, in_thread: bool = False):
+def fit(spec: dict, workers: int, options: RayOptions, run_name: str, storage: Location, in_thread: bool = False):
     from ray.train import (
         CheckpointConfig,
         FailureConfig,
@@ -70,6 +70,7 @@ def fit(spec: dict, workers: int, options: RayOptions, run_name: str, storage: P
         train_loop_config=spec,
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=options.use_gpu,
                                      resources_per_worker=resources if workers else None),
+        # a URI as the user gave it: Ray Train opens it with pyarrow.fs itself, on the controller and every worker
         run_config=RunConfig(name=run_name, storage_path=str(storage),
                              failure_config=FailureConfig(max_failures=options.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),

@@ -9,11 +9,15 @@ with a `RaySession` that connects the loop to Ray Train and MLflow:
 * every `checkpoint_every` epochs and at the end: the checkpoint folder (`ensemble.train_state`) goes to
   `ray.train.report(metrics, checkpoint)`; rank 0 logs each epoch to MLflow, and at the end the test
   metrics and the model files;
+* the run folder may be a URI (s3://, gs://, file://; `ray_jobs.storage_uri`): a worker group's checkpoints
+  are uploaded by Ray Train, the in-process ones (0 workers, which Ray Train's local mode does not persist)
+  are written locally and uploaded here; a checkpoint to resume from is downloaded by `as_directory`;
 * `debug.crash_at_epoch`: the last rank raises half-way through that epoch, on the first attempt only.
 """
 
 from __future__ import annotations
 
+import posixpath
 import shutil
 import sys
 import tempfile
@@ -31,6 +35,8 @@ from ensemble.train_state import STATE_FILE, latest_complete
 from ensemble.training import resolve_device
 
 from .parallel import Layout, WorkerCollective
+from .storage_uri import Location, location
+from .storage_uri import latest_complete as latest_complete_at
 
 DIVERGED_FILE = "diverged.txt"  # in the run folder: why the last attempt stopped (read by the driver)
 MODEL_FILES = ("weights.safetensors", "plan.json", "config.json", "metrics.json", ANYTIME_FILE)
@@ -45,8 +51,11 @@ def checkpoint_dir_name(epoch: int) -> str:
     return f"checkpoint_epoch_{epoch:04d}"
 
 
-def latest_local_checkpoint(run_dir: Path) -> Path | None:
-    """In-process runs (0 workers) persist checkpoints themselves; the newest complete one."""
+def latest_local_checkpoint(run_dir: Path | Location) -> Path | Location | None:
+    """The newest complete checkpoint folder of a run, on the run's storage: a Path for a Path run folder,
+    a `Location` for a Location (which may be a URI)."""
+    if isinstance(run_dir, Location):
+        return latest_complete_at(run_dir)
     return latest_complete(run_dir)
 
 
@@ -57,7 +66,7 @@ class RaySession(Session):
 
         self.train = ray.train
         self.spec, self.rank, self.world, self.layout = spec, rank, world, layout
-        self.run_dir = Path(spec["run_dir"])
+        self.run = location(spec["run_dir"])  # a path or a URI (the driver's `str` of it)
         self.local = spec["local"]
         self.checkpoint_every = max(1, int(spec.get("checkpoint_every", 1)))
         self.crash_epoch = int(spec.get("crash_at_epoch") or 0)
@@ -70,10 +79,11 @@ class RaySession(Session):
         # the run's storage, or empty on a rerun after Ctrl-C, when the driver stopped before Ray registered
         # the last report. In-process runs persist their checkpoints themselves and only have the folders.
         ckpt = self.train.get_checkpoint()
-        found = latest_local_checkpoint(self.run_dir)
-        if found is not None and (ckpt is None or found.name > Path(ckpt.path).name):
-            ckpt = self.train.Checkpoint.from_directory(str(found))
+        found = latest_complete_at(self.run)
+        if found is not None and (ckpt is None or found.name > posixpath.basename(ckpt.path.rstrip("/"))):
+            ckpt = self.train.Checkpoint(path=found.path, filesystem=found.fs)
         self._checkpoint = ckpt
+        # a local folder as it is; one on remote storage is downloaded to a temporary folder, removed after
         return ckpt.as_directory() if ckpt is not None else nullcontext(None)
 
     def on_resume(self, state: dict) -> None:
@@ -94,7 +104,7 @@ class RaySession(Session):
 
     def before_step(self, epoch: int, step: int, steps: int) -> None:
         if self.crash_epoch == epoch + 1 and self.rank == self.world - 1 and step == steps // 2:
-            _maybe_crash(self.run_dir, self.crash_epoch)
+            _maybe_crash(self.run, self.crash_epoch)
 
     def on_epoch(self, row: dict, epochs: int) -> None:
         if self.tracker is not None:
@@ -104,17 +114,26 @@ class RaySession(Session):
         return {"mlflow_run_id": self.run_id, "layout": self.layout.to_dict()}
 
     def save(self, epoch, write, report, final, test_metrics) -> None:
-        tmp = None
+        tmp = checkpoint = None
+        # In-process on a local run folder the checkpoint is written in place; anywhere else in a temporary
+        # folder, which Ray Train (workers) or `upload` below (in-process: Ray's local mode persists nothing)
+        # copies to the run's storage.
+        in_place = self.local and self.run.local is not None
         if write is not None:
-            tmp = self.run_dir / checkpoint_dir_name(epoch) if self.local else \
+            tmp = self.run.local / checkpoint_dir_name(epoch) if in_place else \
                 Path(tempfile.mkdtemp(prefix="superweights-ckpt-"))
             write(tmp)
             if final and self.tracker is not None:
                 self.tracker.log_final(test_metrics, epoch)
                 self.tracker.log_artifacts(tmp, MODEL_FILES)
-        checkpoint = self.train.Checkpoint.from_directory(str(tmp)) if tmp is not None else None
+            if self.local and not in_place:
+                dest = self.run / checkpoint_dir_name(epoch)
+                dest.upload(tmp)
+                checkpoint = self.train.Checkpoint(path=dest.path, filesystem=dest.fs)
+            else:
+                checkpoint = self.train.Checkpoint.from_directory(str(tmp))
         self.train.report(report, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_dir_name(epoch))
-        if tmp is not None and not self.local:
+        if tmp is not None and not in_place:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -149,8 +168,7 @@ def train_loop(spec: dict) -> dict:
         # Train from restarting the group from the last checkpoint, only to diverge again; the driver reads
         # the reason from the run folder and fails the run with it.
         if rank == 0:
-            Path(spec["run_dir"]).mkdir(parents=True, exist_ok=True)
-            (Path(spec["run_dir"]) / DIVERGED_FILE).write_text(str(e) + "\n")
+            (location(spec["run_dir"]) / DIVERGED_FILE).write_text(str(e) + "\n")
         return {"diverged": str(e)}
     return {"epochs": t.epochs, "start_epoch": result.start_epoch}
 
@@ -175,11 +193,10 @@ def _say(line: str) -> None:
     sys.stdout.flush()
 
 
-def _maybe_crash(run_dir: Path, epoch: int) -> None:
+def _maybe_crash(run: Location, epoch: int) -> None:
     """Crash on the first attempt only: a marker file in the run's storage folder remembers it happened."""
-    marker = run_dir / f".crash_injected_epoch_{epoch}"
-    if marker.exists():
+    marker = run / f".crash_injected_epoch_{epoch}"
+    if marker.is_file():
         return
-    run_dir.mkdir(parents=True, exist_ok=True)
     marker.write_text("injected\n")
     raise InjectedCrash(f"debug.crash_at_epoch={epoch}: injected worker crash (first attempt only)")

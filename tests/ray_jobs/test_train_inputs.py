@@ -100,8 +100,9 @@ def test_unreachable_ray_address_fails_fast(capsys, tmp_path):
     (["--workers", "2", "--member-groups", "2", "--data-replicas", "2"], "must equal the 2 workers"),
     (["--checkpoint-every", "0"], "ray.checkpoint_every must be >= 1"),
     (["--cpus-per-worker", "-1"], "ray.cpus_per_worker must be >= 0"),
-    (["--storage-path", "s3://bucket/runs"], "--storage-path 's3://bucket/runs' is a URI"),
-    (["--out", "gs://bucket/model"], "--out 'gs://bucket/model' is a URI"),
+    # URIs are storage (s3://, gs://, file://): one that pyarrow cannot open is refused before anything starts
+    (["--storage-path", "nosuch://bucket/runs"], "--storage-path 'nosuch://bucket/runs' is not a storage URI"),
+    (["--out", "s3:/bucket/model"], "--out 's3:/bucket/model' is not a storage URI"),
     # keys of the SuperWeight method's learning steps: honoured by the loop or refused, never ignored
     (["--set", "bank.method=full", "--set", "bank.grouping=gradient"], "bank.grouping='gradient' is a SuperWeights step"),
     (["--set", "bank.method=ssn", "--set", "bank.unshare_epoch=1"], "bank.unshare_epoch=1 is a SuperWeights step"),
