@@ -215,21 +215,30 @@ class AnytimeService:
         pred = self.predictor.predict(x, budget=budget)
         if pred.level is None:  # early-exit runs shrink their batch: not comparable with the step times
             self.predictor.observe(x, len(pred.steps), pred.elapsed_ms)
-        probs = pred.probs.float().cpu()
-        finite = torch.isfinite(probs).all(-1)  # per image: eval-mode rows are independent of each other
+        probs = pred.probs
+        if probs.dtype != torch.float32 or probs.device.type != "cpu":
+            probs = probs.float().cpu()
+        # One torch call for the whole batch (tolist), the rest on plain lists: each torch call costs a few
+        # microseconds hot and tens of them on a busy machine (cold caches), several per request added up to
+        # ~0.2 ms of a lone request's overhead (issue 15). A row's sum is finite iff all its values are
+        # (probabilities cannot overflow a sum), and `row.index(max(row))` is torch.argmax's first maximum.
+        # Rows are independent in eval mode, so a non-finite row fails only the request that owns it.
+        values = probs.tolist()
+        finite = [math.isfinite(sum(row)) for row in values]
+        cum = self.predictor.cumulative_flops
         out, start = [], 0
         for it in items:
-            rows = slice(start, start + len(it.x))
-            start += len(it.x)
+            stop = start + it.images
+            rows, start = slice(start, stop), stop
             n = max(pred.image_steps[rows])  # this request's longest-running image
             steps = [list(s) for s in self.predictor.steps[:n]]
-            if not bool(finite[rows].all()):
-                self._nonfinite(budget, int((~finite[rows]).sum()), len(it.x), steps)
+            if not all(finite[rows]):
+                self._nonfinite(budget, finite[rows].count(False), it.images, steps)
                 out.append(ApiError(503, NONFINITE_OUTPUT))
                 continue
-            p = probs[rows]
-            out.append({"predictions": p.argmax(-1).tolist(), "probabilities": p.tolist(), "steps": steps,
-                        "flops": int(self.predictor.cumulative_flops[n - 1]), "image_steps": pred.image_steps[rows],
+            mine = values[rows]
+            out.append({"predictions": [row.index(max(row)) for row in mine], "probabilities": mine, "steps": steps,
+                        "flops": int(cum[n - 1]), "image_steps": pred.image_steps[rows],
                         "image_flops": pred.image_flops[rows], "confidence": pred.level, "batch_images": len(x)})
         done = time.perf_counter()
         return [(o, done) for o in out]
@@ -269,8 +278,11 @@ class AnytimeService:
         try:
             body = await read()
             x, budget = (await run_in_threadpool(self.parse, body)) if len(body) > 2**16 else self.parse(body)
-        finally:
+        except BaseException:
             self._arriving -= 1
+            self.batcher.nudge()  # a queued request may be waiting for this one, which will not come
+            raise
+        self._arriving -= 1
         return await self.predict(x, budget, t0)
 
     async def predict_body(self, body: bytes, t0: float | None = None) -> dict:
