@@ -37,6 +37,21 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 TWO_MEMBERS = 'ensemble.members=["wrn-10-1","wrn-10-2"]'
 
 
+def set_args(*overrides: str) -> list[str]:
+    """`--set A --set B ...` for `superweights train`."""
+    return [a for o in overrides for a in ("--set", o)]
+
+
+def train_refusal(capsys, storage, *overrides: str) -> str:
+    """`superweights train --workers 0` with `overrides` must refuse in one line with exit 2; that line."""
+    from ray_jobs import cli
+
+    code = cli.main(["train", "--workers", "0", "--no-tracking", "--storage-path", str(storage), *set_args(*overrides)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err, err
+    return err
+
+
 def free_port(preferred: int | None = None) -> int:
     if preferred:
         with socket.socket() as s:

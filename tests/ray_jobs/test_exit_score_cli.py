@@ -11,27 +11,20 @@ from anytime.predictor import AnytimePredictor
 from anytime.store import load_anytime
 from ray_jobs import cli
 
-from .conftest import TWO_MEMBERS
+from .conftest import TWO_MEMBERS, set_args, train_refusal
 
 TINY = [TWO_MEMBERS, "train.epochs=1", "data.train_per_class=10", "ensemble.exits=all"]
 
 
-def _sets(*overrides):
-    return [a for o in overrides for a in ("--set", o)]
-
-
 def test_an_unknown_exit_score_is_one_line_exit_2(tmp_path, capsys):
-    code = cli.main(["train", "--workers", "0", "--no-tracking", "--storage-path", str(tmp_path),
-                     *_sets(*TINY, 'anytime.exit_score="margin"')])
-    err = capsys.readouterr().err.strip()
-    assert code == 2 and "\n" not in err, err
-    assert err == "superweights: error: anytime.exit_score must be one of max_prob, entropy, got 'margin'"
+    assert train_refusal(capsys, tmp_path, *TINY, 'anytime.exit_score="margin"') == \
+        "superweights: error: anytime.exit_score must be one of max_prob, entropy, got 'margin'"
 
 
 def test_entropy_exit_score_is_fitted_stored_and_used(tmp_path):
     out = tmp_path / "out"
     code = cli.main(["train", "--workers", "0", "--no-tracking", "--storage-path", str(tmp_path / "runs"),
-                     "--out", str(out), *_sets(*TINY, 'anytime.exit_score="entropy"')])
+                     "--out", str(out), *set_args(*TINY, 'anytime.exit_score="entropy"')])
     assert code == 0
     record = json.loads((out / "anytime.json").read_text())
     assert record["early_exit"]["score"] == "entropy" and record["early_exit"]["table"]

@@ -5,21 +5,14 @@ import pytest
 import ensemble.training as training
 from ray_jobs import cli
 
-from .conftest import TWO_MEMBERS
+from .conftest import TWO_MEMBERS, set_args, train_refusal
 
 TINY = [TWO_MEMBERS, "train.epochs=1", "data.train_per_class=10"]
 
 
-def _sets(*overrides):
-    return [a for o in overrides for a in ("--set", o)]
-
-
 def test_an_unknown_precision_is_one_line_exit_2(tmp_path, capsys):
-    code = cli.main(["train", "--workers", "0", "--no-tracking", "--storage-path", str(tmp_path),
-                     *_sets(*TINY, "train.precision=fp16")])
-    err = capsys.readouterr().err.strip()
-    assert code == 2 and "\n" not in err, err
-    assert err == "superweights: error: train.precision must be fp32 or bf16, got 'fp16'"
+    assert train_refusal(capsys, tmp_path, *TINY, "train.precision=fp16") == \
+        "superweights: error: train.precision must be fp32 or bf16, got 'fp16'"
 
 
 @pytest.mark.slow
@@ -28,7 +21,7 @@ def test_bf16_channels_last_compile_train_through_the_cli(tmp_path, capfd, monke
     monkeypatch.setattr(training, "COMPILE_BACKEND", "eager")
     code = cli.main(["train", "--workers", "0", "--no-tracking", "--storage-path", str(tmp_path / "runs"),
                      "--out", str(tmp_path / "out"),
-                     *_sets(*TINY, "train.precision=bf16", "train.channels_last=true", "train.compile=true")])
+                     *set_args(*TINY, "train.precision=bf16", "train.channels_last=true", "train.compile=true")])
     captured = capfd.readouterr()
     assert code == 0, captured.err
     assert "warning: train.compile" not in captured.err
