@@ -75,6 +75,32 @@ def init_reference(model: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
+def _linears(model: nn.Module) -> list[nn.Linear]:
+    return [m for m in model.modules() if isinstance(m, nn.Linear)]
+
+
+def init_ours(model: nn.Module) -> None:
+    from ensemble.methods import he_init_
+
+    he_init_(model)
+
+
+def init_ours_convs(model: nn.Module) -> None:  # ours on the convs, PyTorch's default classifier
+    init_ours(model)
+    for m in _linears(model):
+        m.reset_parameters()
+
+
+def init_reference_convs(model: nn.Module) -> None:  # the reference convs, our classifier
+    init_reference(model)
+    for m in _linears(model):
+        init_ours(m)
+
+
+INITS = {"reference": init_reference, "ours": init_ours, "ours-convs": init_ours_convs,
+         "reference-convs": init_reference_convs}
+
+
 @torch.no_grad()
 def test_probs(model: nn.Module, x: torch.Tensor, norm, bs: int = 512) -> torch.Tensor:
     model.eval()
@@ -90,10 +116,11 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=None, help="default: train.seed")
     p.add_argument("--joint", action="store_true", help="every member on the same batches (like our loop)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
-    p.add_argument("--init", choices=("reference", "ours"), default="reference",
+    p.add_argument("--init", choices=tuple(INITS), default="reference",
                    help="reference: WRN's Kaiming fan_out convs + PyTorch's default classifier; ours: the `full` "
-                        "baseline's He fan_in normal on every conv and linear layer (ensemble.methods.he_init_), "
-                        "to tell an init effect from a loop effect")
+                        "baseline's init (ensemble.methods.he_init_), to tell an init effect from a loop effect; "
+                        "ours-convs / reference-convs: one of the two on the convs only, the other's classifier, "
+                        "to tell which layer the effect comes from")
     p.add_argument("--vs-ours", action="store_true", help="also train our full ensemble first; compare side by side")
     p.add_argument("--write", action="store_true", help="with --vs-ours: write the BENCHMARKS.md section")
     args = p.parse_args()
@@ -135,10 +162,8 @@ def main() -> int:
 
     torch.manual_seed(seed)
     models = [create_model(n, info.in_channels, info.num_classes) for n in names]
-    from ensemble.methods import he_init_
-
     for m in models:
-        (init_reference if args.init == "reference" else he_init_)(m)
+        INITS[args.init](m)
     steps = t.epochs * math.ceil(len(y_tr) / t.batch_size)
     opts, scheds = [], []
     for m in models:

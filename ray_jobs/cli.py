@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from anytime.evaluate import format_table, run_evaluation
@@ -28,7 +27,7 @@ from ensemble.training import resolve_device, validate_device
 from . import serve, train
 from .compare import ChildResources, build_report, compare, format_markdown, write_report
 from .durable import require_durable
-from .exit_codes import interrupt_on_sigterm, run_guarded
+from .exit_codes import end_process, interrupt_on_sigterm, run_guarded
 from .formatting import format_plan
 from .tracking import check_tracking_uri, default_tracking_uri
 
@@ -200,5 +199,10 @@ def main(argv: list[str] | None = None) -> int:
     return run_guarded(lambda: COMMANDS[args.command](args))
 
 
+def entry() -> None:
+    """The process entry (console script / `python -m`): `main` returns its code to in-process callers."""
+    end_process(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -19,6 +20,20 @@ def run_guarded(call: Callable[[], int]) -> int:
     except KeyboardInterrupt as e:  # the raiser may say what was stopped and how to resume
         print("superweights: interrupted" + (f": {e}" if str(e) else ""), file=sys.stderr)
         return 130
+
+
+def end_process(code: int) -> None:
+    """Leave the process with `code` (the console script's and `python -m`'s last step, never an in-process call).
+
+    After ^C / SIGTERM the daemon thread that ran Ray Train's `fit()` may still be inside Ray's C++ client when
+    the interpreter tears down, and that teardown can segfault (seen in CI: exit -11 right after our one line,
+    the MLflow run already KILLED). By then everything that matters is done: the run is closed, `ray.shutdown()`
+    has run, the line is printed. So an interrupted process flushes and leaves without the teardown."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if code == 130:
+        os._exit(code)
+    sys.exit(code)
 
 
 _sigterm_ours = False  # interrupt_on_sigterm() was called in this process

@@ -11,7 +11,6 @@ A job's working folder is a temporary copy that Ray may delete after the job, so
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
 from ensemble.config import load_config
@@ -19,7 +18,7 @@ from ensemble.training import validate_device
 
 from . import driver  # as a module: tests replace `driver.train`
 from .durable import require_durable
-from .exit_codes import interrupt_on_sigterm, run_guarded
+from .exit_codes import end_process, interrupt_on_sigterm, run_guarded
 from .formatting import format_metrics
 from .options import RayOptions, with_ray_flags
 
@@ -131,5 +130,10 @@ def main(argv: list[str] | None = None) -> int:
     return run_guarded(lambda: run_from_args(args, log=lambda s: print(s, flush=True)))
 
 
+def entry() -> None:
+    """The process entry (console script / `python -m`): `main` returns its code to in-process callers."""
+    end_process(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
