@@ -25,6 +25,7 @@ has none), so the ratio is an upper bound of the loop's own overhead.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import re
@@ -79,26 +80,36 @@ def _linears(model: nn.Module) -> list[nn.Linear]:
     return [m for m in model.modules() if isinstance(m, nn.Linear)]
 
 
-def init_ours(model: nn.Module) -> None:
-    from ensemble.methods import he_init_
+def init_ours(model: nn.Module) -> None:  # the product's `full` baseline init
+    from ensemble.methods import reference_init_
 
-    he_init_(model)
+    reference_init_(model)
 
 
-def init_ours_convs(model: nn.Module) -> None:  # ours on the convs, PyTorch's default classifier
-    init_ours(model)
+@torch.no_grad()
+def init_he_fan_in(model: nn.Module) -> None:
+    """The `full` baseline's init before 2026-12-03: He (fan_in) normal on every conv and linear layer."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d | nn.Linear):
+            nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / m.weight[0].numel()))
+            if m.bias is not None:
+                m.bias.zero_()
+
+
+def init_he_fan_in_convs(model: nn.Module) -> None:  # the old convs, PyTorch's default classifier
+    init_he_fan_in(model)
     for m in _linears(model):
         m.reset_parameters()
 
 
-def init_reference_convs(model: nn.Module) -> None:  # the reference convs, our classifier
+def init_reference_convs(model: nn.Module) -> None:  # the reference convs, the old He classifier
     init_reference(model)
     for m in _linears(model):
-        init_ours(m)
+        init_he_fan_in(m)
 
 
-INITS = {"reference": init_reference, "ours": init_ours, "ours-convs": init_ours_convs,
-         "reference-convs": init_reference_convs}
+INITS = {"reference": init_reference, "ours": init_ours, "he-fan-in": init_he_fan_in,
+         "he-fan-in-convs": init_he_fan_in_convs, "reference-convs": init_reference_convs}
 
 
 @torch.no_grad()
@@ -118,9 +129,9 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--init", choices=tuple(INITS), default="reference",
                    help="reference: WRN's Kaiming fan_out convs + PyTorch's default classifier; ours: the `full` "
-                        "baseline's init (ensemble.methods.he_init_), to tell an init effect from a loop effect; "
-                        "ours-convs / reference-convs: one of the two on the convs only, the other's classifier, "
-                        "to tell which layer the effect comes from")
+                        "baseline's init (ensemble.methods.reference_init_, the same stds); he-fan-in: our init "
+                        "before 2026-12-03 (He fan_in normal everywhere); he-fan-in-convs / reference-convs: one "
+                        "of those two on the convs, the other's classifier, to tell which layer an effect comes from")
     p.add_argument("--vs-ours", action="store_true", help="also train our full ensemble first; compare side by side")
     p.add_argument("--write", action="store_true", help="with --vs-ours: write the BENCHMARKS.md section")
     args = p.parse_args()
@@ -229,16 +240,21 @@ def _run_ours(args) -> dict:
         cmd += ["--storage-path", f"{tmp}/runs", "--out", f"{tmp}/out"]
         print("ours:", " ".join(cmd), flush=True)
         p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parents[1])
-    if p.returncode:
-        sys.exit(f"bench_plain_loop: our training failed: {p.stderr.strip().splitlines()[-1:]}")
-    seconds = [float(m) for m in re.findall(r"^epoch .*\(([0-9.]+)s\)$", p.stdout, flags=re.M)]
+        if p.returncode:
+            sys.exit(f"bench_plain_loop: our training failed: {p.stderr.strip().splitlines()[-1:]}")
+        from ensemble.train_state import latest_complete
+
+        (run_dir,) = [d for d in Path(tmp, "runs").iterdir() if d.is_dir()]
+        history = json.loads((latest_complete(run_dir) / "train_state.json").read_text())["history"]
     acc = re.search(r"^ensemble \(mean\)\s+([0-9.]+)", p.stdout, flags=re.M)
     print(p.stdout[p.stdout.find("test acc") - 30:p.stdout.find("model files")].rstrip(), flush=True)
-    return {"epoch_s": statistics.median(seconds), "accuracy": float(acc.group(1)), "epochs": len(seconds)}
+    return {"epoch_s": statistics.median(r["seconds"] for r in history),
+            "train_s": statistics.median(r["train_seconds"] for r in history),
+            "accuracy": float(acc.group(1)), "epochs": len(history)}
 
 
 def _report(args, cfg, ours: dict, plain_acc: float, plain_s: float) -> None:
-    ratio = ours["epoch_s"] / plain_s
+    ratio, train_ratio = ours["epoch_s"] / plain_s, ours["train_s"] / plain_s
     cmd = "python bench/bench_plain_loop.py " + " ".join(
         [f"--config {args.config}"] + [f"--set '{s}'" for s in args.set] + [f"--threads {args.threads}"] * bool(args.threads)
         + ["--vs-ours", "--write"])
@@ -246,13 +262,15 @@ def _report(args, cfg, ours: dict, plain_acc: float, plain_s: float) -> None:
 
 Command: `{cmd}`. Same members ({', '.join(cfg.ensemble.members)}), data tensors, batches, epochs
 ({cfg.train.epochs}), optimiser settings and threads ({args.threads or 'default'}), one run, ours first. Our
-epoch time includes its per-epoch validation pass. Target (issue 16): ours / plain <= 1.05.
+epoch adds a validation pass over {cfg.data.name}'s validation split that the plain loop has not; its
+training steps alone are the `train_seconds` of each epoch (MLflow metric and train_state.json history).
+Target (issue 16): ours / plain <= 1.05.
 
-| loop | ensemble test accuracy | median s/epoch |
-|---|---|---|
-| `superweights train --workers 0`, `bank.method="full"` | {ours['accuracy']:.4f} | {ours['epoch_s']:.2f} |
-| plain PyTorch loop, same batches (`--joint`) | {plain_acc:.4f} | {plain_s:.2f} |
-| **ratio ours / plain** | | **{ratio:.3f}** |
+| loop | ensemble test accuracy | median s/epoch | median s/epoch, training steps only |
+|---|---|---|---|
+| `superweights train --workers 0`, `bank.method="full"` | {ours['accuracy']:.4f} | {ours['epoch_s']:.2f} | {ours['train_s']:.2f} |
+| plain PyTorch loop, same batches (`--joint`) | {plain_acc:.4f} | {plain_s:.2f} | {plain_s:.2f} |
+| **ratio ours / plain** | | **{ratio:.3f}** | **{train_ratio:.3f}** |
 """
     print(body)
     if args.write:

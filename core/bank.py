@@ -28,7 +28,7 @@ class SuperWeightBank(nn.Module):
         self.plan = plan
         self.bank = nn.Parameter(torch.empty(plan.budget))
         self.coefficients = nn.Parameter(torch.empty(plan.coefficient_params))
-        # Fixed (not trained) per-slot gains: composed weight gets exactly He variance at init.
+        # Fixed (not trained) per-slot gains: composed weight gets exactly its slot's init std (SlotSpec.init_std).
         self.register_buffer("gains", torch.ones(len(plan.slots)))
         self._build_index()
         self.reset_parameters(generator)
@@ -115,7 +115,7 @@ class SuperWeightBank(nn.Module):
     # -- initialisation ----------------------------------------------------------------------
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        """Templates ~ N(0, c_b^2) (c_b: `template_scales`); orthogonal unit-norm coefficient rows; He gains
+        """Templates ~ N(0, c_b^2) (c_b: `template_scales`); orthogonal unit-norm coefficient rows; init gains
         measured on the result."""
         users: list[list[int]] = [[] for _ in self.plan.blocks]
         for i, cells in enumerate(self._cells):
@@ -129,21 +129,21 @@ class SuperWeightBank(nn.Module):
             alpha /= alpha.norm(dim=1, keepdim=True).clamp_min(1e-12)
             self.block_coefficients(b.id).copy_(alpha)
         self.gains.fill_(1.0)
-        self.gains.copy_(he_gains(self.plan.slots, self.raw_weights()))
+        self.gains.copy_(init_gains(self.plan.slots, self.raw_weights()))
 
 
 def template_scales(slots: list[SlotSpec], users: list[list[int]]) -> list[float]:
-    """Per bank segment (block or SSN group), the RMS He std sqrt(mean 2/fan_in) of the slots reading it.
+    """Per bank segment (block or SSN group), the RMS init std (`SlotSpec.init_std`) of the slots reading it.
 
     Why templates are stored at this scale and not at N(0, 1): with SGD the scale a parameter is stored
     at is its learning rate. A slot weight is W = gain * sum_k alpha_k T_k, so one step moves W by
-    gain^2 times what it moves an ordinary weight; with N(0, 1) templates the gain is ~sqrt(2/fan_in)
+    gain^2 times what it moves an ordinary weight; with N(0, 1) templates the gain is ~ the init std
     (0.02-0.2) and the bank trained ~100x slower than the full network (digits, 20 images per class,
-    15 epochs: 0.66 vs 0.96 ensemble accuracy). Stored at the He scale of their slots, the measured
+    15 epochs: 0.66 vs 0.96 ensemble accuracy). Stored at the init scale of their slots, the measured
     gains are ~1, so an SGD step moves a generated weight like an ordinary one and weight decay means
-    the same; the composed weight is still exactly He (the gains are still measured).
+    the same; the composed weight still has exactly its slot's init std (the gains are still measured).
     """
-    return [math.sqrt(sum(2.0 / slots[i].fan_in for i in u) / len(u)) if u else 1.0 for u in users]
+    return [math.sqrt(sum(slots[i].init_std ** 2 for i in u) / len(u)) if u else 1.0 for u in users]
 
 
 @torch.no_grad()
@@ -153,19 +153,20 @@ def scale_segments(flat: Tensor, sizes: list[int], scales: list[float]) -> None:
         segment.mul_(c)
 
 
-def he_gains(slots: list[SlotSpec], raw: list[Tensor]) -> Tensor:
-    """Per slot, target / realised std of the composed weight (target = sqrt(2 / fan_in)).
+def init_gains(slots: list[SlotSpec], raw: list[Tensor]) -> Tensor:
+    """Per slot, target / realised std of the composed weight (target: `SlotSpec.init_std`, the std the
+    `full` baseline draws the same weight at).
 
     Measured, not derived: with tiled templates (P_b < size) a slot holds few distinct random
     values, so its realised spread can be far from the expected one; measuring makes the init
-    exactly He at every budget. A constant weight (a single block with P_b = 1, only near the
+    std exact at every budget. A constant weight (a single block with P_b = 1, only near the
     minimum budget) has no spread to normalise; it keeps gain 1 (its templates are already at the
-    He scale, `template_scales`) so slots still differ through their coefficients instead of
+    init scale, `template_scales`) so slots still differ through their coefficients instead of
     collapsing to +-target. Shared by every bank kind.
     """
     gains = []
     for spec, w in zip(slots, raw):
-        target = math.sqrt(2.0 / spec.fan_in)
+        target = spec.init_std
         spread = float(w.double().std(correction=0)) if w.numel() > 1 else 0.0
         gains.append(target / spread if spread > 1e-12 else 1.0)
     return torch.tensor(gains, dtype=torch.float32)

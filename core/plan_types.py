@@ -10,6 +10,19 @@ import math
 from dataclasses import asdict, dataclass, field
 
 
+def init_std(shape: tuple[int, ...]) -> float:
+    """The std every method initialises a weight of this shape at: the `full` baseline draws it and a bank's
+    gains make its composed weights exactly this (`core.bank.init_gains`), so the methods start alike.
+
+    The reference init of the networks we build, as torchvision's ResNets and the WRN authors' code have it:
+    Kaiming normal with fan_out for convolutions, sqrt(2 / (out * kernel)), and PyTorch's default for linear
+    layers, U(+-1/sqrt(fan_in)), whose std is 1/sqrt(3 fan_in). Measured on the CPU CIFAR-10 protocol
+    (BENCHMARKS.md): He with fan_in on every layer, classifier included, cost the full ensemble ~1 point."""
+    if len(shape) > 2:
+        return math.sqrt(2.0 / (shape[0] * math.prod(shape[2:])))
+    return 1.0 / math.sqrt(3.0 * math.prod(shape[1:]))
+
+
 @dataclass(frozen=True)
 class SlotSpec:
     """One weight tensor that the bank provides, as seen in a member (shapes only)."""
@@ -26,6 +39,10 @@ class SlotSpec:
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
+
+    @property
+    def init_std(self) -> float:
+        return init_std(self.shape)
 
 
 @dataclass

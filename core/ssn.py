@@ -36,11 +36,11 @@ Deliberate differences from the authors' code (DESIGN.md lists the defects to av
   (j * P_g // n_g for the j-th of n_g slots), so two same-shape slots of a group differ. `mask` keeps
   phase 0 (copy 0 *is* theta_g, the method's definition); its slots differ through their masks.
 
-Initialisation: theta_g ~ N(0, c_g^2), c_g the RMS He std of the group's slots (core.bank.template_scales
+Initialisation: theta_g ~ N(0, c_g^2), c_g the RMS init std of the group's slots (core.bank.template_scales
 says why: the storage scale is the SGD learning rate); wavg coefficients are random unit vectors (or all 1/sqrt(K) with
 `coef_init="uniform"`, used by the learned-groups probe so coefficients only differ by what training
 taught them); masks start at 1; a fixed (not trained) per-slot gain, measured on the composed weight
-at init, makes every slot's std exactly sqrt(2 / fan_in) (He), as in core/bank.py.
+at init, makes every slot's std exactly its `SlotSpec.init_std`, as in core/bank.py.
 
 Learned groups need k-means (sklearn), which core may not import: core offers `one` and `depth`
 groups; `ensemble.ssn_model` computes learned ones and passes them to `build_ssn_plan` as ids.

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .bank import he_gains, scale_segments, template_scales
+from .bank import init_gains, scale_segments, template_scales
 from .generation import SSNProgram, matmul_layout, run_ssn, ssn_items, ssn_program
 from .ssn_plan import SSNPlan
 
@@ -93,8 +93,8 @@ class SSNBank(nn.Module):
     # -- initialisation ----------------------------------------------------------------------
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        """theta_g ~ N(0, c_g^2) (core.bank.template_scales: the slots' RMS He std, so SGD moves generated
-        weights like ordinary ones); wavg coefficients unit-norm (random or uniform); masks 1; He gains measured."""
+        """theta_g ~ N(0, c_g^2) (core.bank.template_scales: the slots' RMS init std, so SGD moves generated
+        weights like ordinary ones); wavg coefficients unit-norm (random or uniform); masks 1; init gains measured."""
         self.bank.normal_(0.0, 1.0, generator=generator)
         scale_segments(self.bank, self._group_sizes, template_scales(self.plan.slots, [g.slots for g in self.plan.groups]))
         coefs = torch.split(self.coefficients, self._coef_sizes)
@@ -108,7 +108,7 @@ class SSNBank(nn.Module):
                     v = torch.randn(lay.templates, generator=generator)
                     c.copy_(v / v.norm().clamp_min(1e-12))
         self.gains.fill_(1.0)
-        self.gains.copy_(he_gains(self.plan.slots, self.raw_weights()))
+        self.gains.copy_(init_gains(self.plan.slots, self.raw_weights()))
 
     def slot_coefficients(self, slot: int) -> Tensor:
         """The slot's wavg coefficients or masks (a view of the flat vector)."""

@@ -201,7 +201,8 @@ def run(config: Config, data: DataSplits, device, comm: Collective | None = None
         if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):  # identical on every worker
             raise Diverged(diverged_message(config, f"the end of epoch {epoch + 1}", "a weight"))
         loss_sum = comm.sum_float(loss_sum)  # member groups and replicas add up
-        row = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1)}
+        row = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1),
+               "train_seconds": time.perf_counter() - began}  # the steps alone, without the validation pass
         if warm:
             row["phase"] = "warm-up" if epoch < warm else "train"
         val = None

@@ -28,7 +28,7 @@ from core.ssn import SSNPlan
 from .bank_method import FROM_CONFIG, FROM_LEARNED, AnyPlan, BankMethod, Counts, LearningSteps
 from .config import Config
 from .data import DatasetInfo
-from .method_full import full_build, full_summary, he_init_
+from .method_full import full_build, full_summary, reference_init_
 from .method_ssn import (
     learns_groups,
     make_ssn_plan,
@@ -60,7 +60,7 @@ from .planning import (
 
 __all__ = [
     "FROM_CONFIG", "FROM_LEARNED", "METHODS", "AnyPlan", "BankMethod", "Counts", "LearningSteps",
-    "build_ensemble", "he_init_", "make_plan", "make_ssn_plan", "method_of", "plan_summary", "ssn_summary",
+    "build_ensemble", "reference_init_", "make_plan", "make_ssn_plan", "method_of", "plan_summary", "ssn_summary",
 ]
 
 

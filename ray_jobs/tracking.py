@@ -173,7 +173,8 @@ class RunLogger:
         now = int(time.time() * 1000)
         names = {"seconds": "epoch_seconds"}
         metrics = [Metric(names.get(k, k), float(row[k]), now, epoch)
-                   for k in ("train_loss", "train_accuracy", "val_accuracy", "val_nll", "seconds") if k in row]
+                   for k in ("train_loss", "train_accuracy", "val_accuracy", "val_nll", "seconds", "train_seconds")
+                   if k in row]
         # The method's learning steps, at the epoch they happened (the params hold the initial plan).
         metrics += [Metric(k, float(row[k]), now, epoch) for k in METHOD_STEP_KEYS if k in row]
         self.client.log_batch(self.run_id, metrics=metrics)

@@ -5,6 +5,7 @@ import torch
 
 from core.bank import SuperWeightBank
 from core.plan import build_plan, minimum_budget
+from tests.init_reference import reference_std
 
 
 def make_bank(slots, budget, **kw):
@@ -41,22 +42,22 @@ def test_thin_slot_is_top_left_crop_of_wide_slot_bit_for_bit(slots):
 
 
 @pytest.mark.parametrize("budget", [0.005, 0.05, 0.5, 1.0, 2.0])
-def test_composed_weights_have_he_std(slots, budget):
+def test_composed_weights_have_the_reference_init_std(slots, budget):
     bank = make_bank(slots, budget)
     for spec, w in zip(bank.plan.slots, bank()):
         if w.numel() >= 1000:
-            assert w.std().item() == pytest.approx(math.sqrt(2 / spec.fan_in), rel=0.10)
+            assert w.std().item() == pytest.approx(reference_std(spec.shape), rel=0.10)
 
 
-def test_templates_are_normal_at_the_he_scale_of_their_slots_and_coefficients_unit_norm(slots):
+def test_templates_are_normal_at_the_init_scale_of_their_slots_and_coefficients_unit_norm(slots):
     bank = make_bank(slots, 1.0)
     plan = bank.plan
     for b in plan.blocks:
         users = [i for i in range(len(plan.slots)) if any(b.id in row for row in plan.slot_cells(i))]
-        rms_he = math.sqrt(sum(2 / plan.slots[i].fan_in for i in users) / len(users))
+        rms_init = math.sqrt(sum(reference_std(plan.slots[i].shape) ** 2 for i in users) / len(users))
         theta = bank.bank[b.offset : b.offset + b.params]
         if b.params >= 2000:
-            assert theta.std().item() == pytest.approx(rms_he, rel=0.1)
+            assert theta.std().item() == pytest.approx(rms_init, rel=0.1)
         norms = bank.block_coefficients(b.id).norm(dim=1)
         assert torch.allclose(norms, torch.ones_like(norms), atol=1e-6)
     # so the fixed gains are ~1 and the bank trains at the network's learning rate (template_scales)

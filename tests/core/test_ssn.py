@@ -16,6 +16,7 @@ from core.ssn import (
     minimum_ssn_budget,
     ssn_groups,
 )
+from tests.init_reference import reference_std
 
 from .conftest import two_width_slots
 
@@ -182,13 +183,13 @@ def test_groups_one_and_depth_ignore_the_kernel_kind():
 
 @pytest.mark.parametrize("upsample", UPSAMPLERS)
 @pytest.mark.parametrize("budget", [0.01, 0.1, 0.5, 1.0, 2.0])
-def test_shapes_and_he_std_at_init(upsample, budget):
+def test_shapes_and_reference_std_at_init(upsample, budget):
     plan, bank = make(budget, upsample, "depth")
     weights = bank()
     for spec, w in zip(plan.slots, weights):
         assert w.shape == spec.shape
         if w.numel() >= 1000:
-            assert w.std().item() == pytest.approx(math.sqrt(2 / spec.fan_in), rel=0.10), spec
+            assert w.std().item() == pytest.approx(reference_std(spec.shape), rel=0.10), spec
 
 
 @pytest.mark.parametrize("upsample", UPSAMPLERS)

@@ -1,5 +1,4 @@
 import json
-import math
 
 import pytest
 import torch
@@ -16,6 +15,7 @@ from ensemble.ssn_model import (
     probe_plan,
 )
 from ensemble.training import make_optimizer, train_step
+from tests.init_reference import reference_std
 
 from .conftest import DIGITS, cfg
 
@@ -64,11 +64,11 @@ def test_same_seed_same_weights_and_plan_json_rebuilds_it(config):
     assert a.state_dict().keys() == b.state_dict().keys()
 
 
-def test_he_std_of_generated_member_weights(config):
+def test_reference_std_of_generated_member_weights(config):
     model = build_ssn_ensemble(config, DIGITS, "inter", "depth", budget=0.05)
     for spec, w in zip(model.plan.slots, model.bank()):
         if w.numel() >= 1000:
-            assert w.std().item() == pytest.approx(math.sqrt(2 / spec.fan_in), rel=0.10), spec
+            assert w.std().item() == pytest.approx(reference_std(spec.shape), rel=0.10), spec
 
 
 def test_ssn_ensemble_trains_on_digits(config):
