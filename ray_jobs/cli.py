@@ -29,6 +29,8 @@ from .compare import ChildResources, build_report, compare, format_markdown, wri
 from .durable import require_durable
 from .exit_codes import end_process, interrupt_on_sigterm, run_guarded
 from .formatting import format_plan
+from .model_uri import is_mlflow_uri, resolved_model
+from .storage_uri import is_uri
 from .tracking import check_tracking_uri, default_tracking_uri
 
 DESCRIPTION = """One shared SuperWeight bank generates the weights of several heterogeneous networks
@@ -104,13 +106,18 @@ def build_parser() -> argparse.ArgumentParser:
                                    "every member subset, every exit, and the normalised area under the accuracy-FLOPs "
                                    "curves. Writes anytime.csv, budgeted.csv, subsets.csv, exits.csv, anytime.png and "
                                    "summary.json to --out.")
-    p.add_argument("checkpoint", help="checkpoint folder written by `superweights train`")
+    p.add_argument("checkpoint", help="checkpoint folder written by `superweights train`, the same folder on storage "
+                                      "(s3://..., gs://..., file:///...) or an MLflow model (runs:/<id>, "
+                                      "models:/<name>/<version>)")
     p.add_argument("--split", default="test", help="val or test (default: test)")
-    p.add_argument("--out", "-o", help="output folder (default: CHECKPOINT/anytime-SPLIT)")
+    p.add_argument("--out", "-o", help="output folder (default: CHECKPOINT/anytime-SPLIT for a folder, "
+                                       "./anytime-SPLIT for a URI)")
+    p.add_argument("--tracking-uri", help="MLflow store of a runs:/ or models:/ CHECKPOINT (default: "
+                                          "$MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
 
     p = sub.add_parser("serve", help="serve anytime predictions with budget cutoffs over HTTP (uvicorn or Ray Serve)",
-                       description="Serve a checkpoint folder or an MLflow model (runs:/<id>, models:/<name>/<version>) "
+                       description="Serve a checkpoint folder (local or s3://, gs://, file://) or an MLflow model (runs:/<id>, models:/<name>/<version>) "
                                    "over HTTP: POST /predict with a FLOPs budget or a deadline, GET /model, GET /health, "
                                    "OpenAPI docs at /docs. uvicorn by default; --ray deploys on Ray Serve. "
                                    "See the README, \"Serving anytime predictions\".")
@@ -152,7 +159,11 @@ def cmd_models(args) -> int:
 
 def cmd_evaluate(args) -> int:
     device = str(resolve_device(args.device))  # validate_device first: before the checkpoint is read
-    result, out = run_evaluation(args.checkpoint, args.split, args.out, device)
+    if is_mlflow_uri(args.checkpoint) or is_uri(args.checkpoint):  # fetched into a temporary folder
+        with resolved_model(args.checkpoint, args.tracking_uri) as folder:  # (the outputs: never in there)
+            result, out = run_evaluation(folder, args.split, args.out or f"anytime-{args.split}", device)
+    else:
+        result, out = run_evaluation(args.checkpoint, args.split, args.out, device)
     print(format_table(result))
     print(f"\nwrote anytime.csv, budgeted.csv, subsets.csv, exits.csv, anytime.png, summary.json to {out}")
     return 0

@@ -1,12 +1,15 @@
-"""MODEL arguments of `superweights serve`: a checkpoint folder or an MLflow URI.
+"""MODEL arguments of `superweights serve` and `evaluate`: a checkpoint folder, a storage URI or an MLflow URI.
 
 * a folder holding weights.safetensors + plan.json + config.json + metrics.json (+ anytime.json);
+* that folder on storage: `s3://bucket/prefix/model`, `gs://...`, `file:///abs/path` (what `--out` and
+  `ray.storage_path` accept, `ray_jobs.storage_uri`), e.g. a `--out` URI or a checkpoint_epoch_* folder;
 * `runs:/<run id>` (the checkpoint files that `superweights train` logs under `checkpoint/`) or
   `runs:/<run id>/<artifact path>`;
 * `models:/<name>/<version>` or `models:/<name>@<alias>` (a registered model version whose source is such
   a folder, e.g. registered from `runs:/<run id>/checkpoint`).
 
-URIs are downloaded with `mlflow.artifacts.download_artifacts` into a temporary folder that lives only
+MLflow URIs are downloaded with `mlflow.artifacts.download_artifacts` (storage URIs with pyarrow) into a
+temporary folder that lives only
 while the model loads (weights are materialised at load). Every failure is one `SuperweightsError` line.
 """
 
@@ -20,9 +23,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from anytime.record import ANYTIME_FILE
 from core.errors import SuperweightsError
 from ensemble.checkpoint import FILES
 
+from .storage_uri import check_reachable, is_uri, location
 from .tracking import check_tracking_uri, default_tracking_uri
 
 SCHEMES = ("runs:/", "models:/")
@@ -120,20 +125,38 @@ def download(model: str, tracking_uri: str, dst: Path) -> Path:
 @contextmanager
 def resolved_model(model: str, tracking_uri: str | None = None) -> Iterator[Path]:
     """The checkpoint folder of `model`; a downloaded copy is removed when the block ends."""
-    if not is_mlflow_uri(model):
+    if not is_mlflow_uri(model) and not is_uri(model):
         path = Path(model).expanduser()
         if not path.is_dir():
-            if "://" in model or model.startswith(("runs:", "models:")):
+            if model.startswith(("runs:", "models:")):
                 raise SuperweightsError(f"unsupported model URI {model!r}: use a checkpoint folder, "
                                         "runs:/<run id>[/path] or models:/<name>/<version>")
-            raise SuperweightsError(f"model {model!r} is neither a checkpoint folder nor an MLflow URI "
-                                    "(runs:/<run id>, models:/<name>/<version>)")
+            raise SuperweightsError(f"model {model!r} is neither a checkpoint folder nor a storage or MLflow URI "
+                                    "(s3://bucket/path, runs:/<run id>, models:/<name>/<version>)")
         yield path
         return
-    check_uri(model)
-    uri = resolve_tracking_uri(tracking_uri)
+    if is_mlflow_uri(model):
+        check_uri(model)
+        uri = resolve_tracking_uri(tracking_uri)
     tmp = Path(tempfile.mkdtemp(prefix="superweights-model-"))
     try:
-        yield download(model, uri, tmp)
+        yield download(model, uri, tmp) if is_mlflow_uri(model) else download_storage(model, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def download_storage(model: str, dst: Path) -> Path:
+    """Copy the model files of the storage folder `model` (s3://, gs://, file://, ...) into `dst`; `dst`.
+    Only the model's own files, checked by name and size in one listing: a checkpoint folder's optimizer
+    state is not fetched."""
+    loc = location(model, "model")
+    check_reachable(loc, "model")
+    sizes = loc.sizes([*FILES, ANYTIME_FILE])
+    missing = [f for f in FILES if sizes[f] is None]
+    if missing:
+        raise SuperweightsError(f"no model at {model}: {', '.join(missing)} missing (a --out folder or a "
+                                "checkpoint_epoch_* folder of `superweights train` holds them)")
+    for name, size in sizes.items():
+        if size is not None:
+            (loc / name).copy_to(location(dst / name))
+    return dst

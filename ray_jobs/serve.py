@@ -94,12 +94,15 @@ def run_ray(args, settings, log=print, serve_config=None) -> int:
     from ensemble.checkpoint import load_plan
 
     from .model_uri import is_mlflow_uri, resolve_tracking_uri
+    from .storage_uri import is_uri
 
     with resolved_model(args.model, args.tracking_uri) as folder:  # fail fast here, not in every replica
         load_plan(folder)
         check_weights_file(folder)  # NaN/inf weights: one line here, not a failed replica
     if is_mlflow_uri(args.model):
         model, tracking_uri = args.model, resolve_tracking_uri(args.tracking_uri)  # absolute: replicas' cwd differs
+    elif is_uri(args.model):  # a storage URI: each replica fetches the model files itself
+        model, tracking_uri = args.model, None
     else:
         from pathlib import Path
 

@@ -17,7 +17,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
 
     d = ServeConfig()
     p.add_argument("model", metavar="MODEL",
-                   help="checkpoint folder, runs:/<run id>[/path] or models:/<name>/<version> (MLflow)")
+                   help="checkpoint folder, that folder on storage (s3://, gs://, file://), runs:/<run id>[/path] or "
+                        "models:/<name>/<version> (MLflow)")
     p.add_argument("--config", "-c", help="TOML config file whose [serve] section sets the defaults below")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one config key with a TOML value, e.g. serve.port=9000; repeatable")

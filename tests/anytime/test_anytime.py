@@ -201,6 +201,18 @@ def test_evaluate_cli_writes_files(exits_ckpt, tmp_path, capsys):
     assert {"final_accuracy", "auc", "nll", "ece"} <= set(summary) and 0 <= summary["auc"] <= 1
 
 
+def test_evaluate_cli_reads_a_model_on_storage(exits_ckpt, tmp_path, capsys, monkeypatch):
+    """`superweights evaluate s3://.../model` (here file://, the same pyarrow code path): the same numbers as the
+    folder itself, written to ./anytime-SPLIT (never into the temporary copy)."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["evaluate", f"file://{exits_ckpt[1]}", "--split", "val"]) == 0
+    assert "to anytime-val" in capsys.readouterr().out
+    assert main(["evaluate", str(exits_ckpt[1]), "--split", "val", "--out", str(tmp_path / "direct")]) == 0
+    got = json.loads((tmp_path / "anytime-val" / "summary.json").read_text())
+    assert got == json.loads((tmp_path / "direct" / "summary.json").read_text())
+    assert (tmp_path / "anytime-val" / "anytime.csv").read_text() == (tmp_path / "direct" / "anytime.csv").read_text()
+
+
 def test_full_baseline_without_anytime_json(tmp_path):
     """A `full` checkpoint without exits nor anytime.json (e.g. written by Ray): computed on first use."""
     config = cfg('ensemble.members=["wrn-10-2","wrn-10-1","wrn-10-1"]', 'bank.method="full"')

@@ -3,6 +3,7 @@ Ray Serve answering exactly as uvicorn does (local testing mode; a real local Ra
 
 import json
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -125,8 +126,10 @@ def test_cli_serves_a_checkpoint_and_stops_on_sigterm(ckpt, reference):
 
 
 @pytest.mark.parametrize("args, text", [
-    (["{tmp}/nowhere"], "is neither a checkpoint folder nor an MLflow URI"),
-    (["s3://bucket/model"], "unsupported model URI 's3://bucket/model'"),
+    (["{tmp}/nowhere"], "is neither a checkpoint folder nor a storage or MLflow URI"),
+    (["ftp://host/model"], "model 'ftp://host/model' is not a storage URI pyarrow can open"),
+    (["file://{tmp}/nowhere"], "no model at file://{tmp}/nowhere: weights.safetensors, plan.json, config.json, "
+                                "metrics.json missing"),
     (["runs:/0123456789abcdef", "--tracking-uri", "sqlite:///{tmp}/none.db"], "no MLflow store at"),
     (["models:/just-a-name", "--tracking-uri", "sqlite:///{tmp}/none.db"], "malformed model URI"),
     (["runs:/", "--tracking-uri", "sqlite:///{tmp}/none.db"], "malformed run URI"),
@@ -208,6 +211,30 @@ def test_mlflow_uris_resolve_to_the_checkpoint(registry, ckpt, tmp_path, monkeyp
             assert got == expected, model
         assert not folder.exists()  # the download lives only while the model loads
     assert list(tmp_path.iterdir()) == []
+
+
+def test_storage_uris_resolve_to_the_model_files(ckpt, tmp_path):
+    """A model folder on storage (what `--out` / `ray.storage_path` accept: s3://, gs://, file://): its model files
+    are fetched, nothing else (a checkpoint folder's optimizer state stays where it is)."""
+    folder = tmp_path / "on-storage"
+    shutil.copytree(ckpt, folder)
+    (folder / "optimizer.safetensors").write_bytes(b"not fetched")
+    model_files = ("weights.safetensors", "plan.json", "config.json", "metrics.json", "anytime.json")
+    expected = {name: (folder / name).read_bytes() for name in model_files}
+    assert len([p for p in folder.iterdir() if p.is_file()]) > len(model_files)  # others are there, not fetched
+    with resolved_model(f"file://{folder}") as got:
+        assert got != folder and {p.name: p.read_bytes() for p in got.iterdir()} == expected
+    assert not got.exists()
+
+
+def test_serve_loads_a_model_on_storage(ckpt, reference):
+    """What `superweights serve file:///...` (or s3://...) loads, before the server listens and in each replica."""
+    from ray_jobs.serve import load_service
+
+    service = load_service(f"file://{ckpt}", None, ServeSettings())
+    assert service.predictor.steps == reference.steps
+    x = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(service.predictor.predict(x).probs, reference.predict(x).probs, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("model, text", [
