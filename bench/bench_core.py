@@ -66,7 +66,7 @@ def persistent_bytes(model, opt) -> int:
     for program in getattr(bank, "_programs", {}).values():  # generation index tensors (built once per plan)
         mm = getattr(program, "matmuls", None)
         if mm is not None:
-            tensors.update({t.data_ptr(): t.untyped_storage().nbytes() for t in (mm.t_index, mm.a_index)})
+            tensors.update({t.data_ptr(): t.untyped_storage().nbytes() for t in mm.index_tensors()})
         for a in getattr(program, "assemblies", ()):
             tensors.update({t.data_ptr(): t.untyped_storage().nbytes() for t in (a.rows, a.run_slot)})
     return sum(tensors.values())

@@ -10,7 +10,7 @@ is kept for backward but the bank and coefficients). Both generation programs st
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -82,10 +82,21 @@ class Matmuls:
 
     chunk: int
     shapes: list[tuple[int, int, int]]  # per class (chunks n, R, K)
-    t_index: Tensor  # bank entry of every template entry, classes concatenated ([n, K, C] each)
+    t_index: Tensor  # bank entry of every template entry, classes concatenated ([n, K, C] each): backward's scatter
     a_index: Tensor  # coefficient of every alpha entry, classes concatenated ([n, R, K] each)
     place: dict[int, tuple[int, int]]  # item key -> (first entry of its output in `out`, its R)
     out_numel: int
+    # The forward gather of the templates, by runs of C bank entries instead of entry by entry (`_templates`):
+    run_index: Tensor  # bank entry where every C-entry run starts ([n, K] per class)
+    fix_at: Tensor  # the template entries a run gets wrong (its window wrapped inside it) ...
+    fix_from: Tensor  # ... and their bank entries (`t_index` there)
+    bank_numel: int
+
+    def to(self, device) -> Matmuls:
+        return replace(self, **{f: getattr(self, f).to(device) for f in TENSORS})
+
+    def index_tensors(self) -> tuple[Tensor, ...]:
+        return tuple(getattr(self, f) for f in TENSORS)
 
     @property
     def flops(self) -> int:
@@ -98,10 +109,14 @@ class Matmuls:
         return first + (entries // self.chunk * rows + row) * self.chunk + entries % self.chunk
 
 
+TENSORS = ("t_index", "a_index", "run_index", "fix_at", "fix_from")  # a program's index tensors (device moves)
+
+
 def build_matmuls(layout: MatmulLayout, keep) -> Matmuls:
     c = layout.chunk
     col = torch.arange(c)
-    t_parts, a_parts, shapes, place = [], [], [], {}
+    t_parts, a_parts, shapes, place, run_parts = [], [], [], {}, []
+    bank_numel = max((it.offset + it.params for items in layout.members for it in items), default=0)
     out = 0
     for (k, r), items in zip(layout.classes, layout.members):
         items = [it for it in items if keep(it.key)]
@@ -114,6 +129,8 @@ def build_matmuls(layout: MatmulLayout, keep) -> Matmuls:
             starts = torch.tensor(it.starts).view(1, k, 1)
             idx = it.offset + (starts + pos) % it.params  # [nj, K, C]
             t_parts.append(torch.where(pos < it.size, idx, it.offset).flatten())
+            first = it.offset + (starts[0, :, 0] + torch.arange(nj).unsqueeze(1) * c) % it.params  # [nj, K]
+            run_parts.append(first.clamp(max=max(bank_numel - c, 0)).flatten())
             alpha = torch.tensor(it.coef, dtype=torch.long)
             if it.rows < r:  # padded rows read coefficient row 0: never read, zero gradient
                 alpha = torch.cat((alpha, alpha[:1].expand(r - it.rows, k)))
@@ -122,13 +139,39 @@ def build_matmuls(layout: MatmulLayout, keep) -> Matmuls:
             n += nj
         shapes.append((n, r, k))
         out += n * r * c
-    cat = (lambda ps: torch.cat(ps).to(SCATTER)) if t_parts else (lambda ps: torch.zeros(0, dtype=SCATTER))
-    return Matmuls(c, shapes, cat(t_parts), cat(a_parts), place, out)
+    def cat(parts, dtype=SCATTER):
+        return torch.cat(parts).to(dtype) if parts else torch.zeros(0, dtype=dtype)
+
+    t_index, runs = cat(t_parts), cat(run_parts)
+    if bank_numel >= c:  # entries a run reads wrongly: where the window wrapped, past the bank's end, padding
+        wrong = (t_index.view(-1, c) != runs.unsqueeze(1) + torch.arange(c)).flatten().nonzero().flatten()
+    else:  # a bank shorter than one run: every entry is gathered on its own
+        wrong = torch.arange(t_index.numel())
+    return Matmuls(c, shapes, t_index, cat(a_parts), place, out, runs.to(INDEX), wrong, t_index[wrong].to(INDEX),
+                   bank_numel)
+
+
+def _templates(mm: Matmuls, bank: Tensor) -> Tensor:
+    """Every template entry of every class, in `t_index` order: bit for bit `bank[t_index]`, gathered by runs.
+
+    A chunk of a cyclic window is C consecutive bank entries unless the window wraps inside it. So the chunks
+    are rows of an overlapping strided view of the bank (metadata only), and one row gather copies them: an
+    index per C entries instead of one per entry (on 2 CPU cores the entry-wise gather of the digits plan's
+    template entries took twice as long, its int64 index being read as well). The few entries a row gets
+    wrong (a wrap inside the chunk, the bank's end, padding columns) are gathered again one by one: at budget
+    0.5 a handful of rows per block; at tiny budgets (theta shorter than a chunk) most entries, as before."""
+    if mm.bank_numel < mm.chunk:
+        return bank.index_select(0, mm.t_index)
+    runs = bank.as_strided((bank.numel() - mm.chunk + 1, mm.chunk), (1, 1))
+    out = runs.index_select(0, mm.run_index).view(-1)
+    if mm.fix_at.numel():
+        out.index_copy_(0, mm.fix_at, bank.index_select(0, mm.fix_from))
+    return out
 
 
 def _operands(mm: Matmuls, bank: Tensor, coefficients: Tensor):
     """Per class the bmm operands (templates [n, K, C], alphas [n, R, K]): one gather of each vector."""
-    templates = bank.index_select(0, mm.t_index)
+    templates = _templates(mm, bank)
     alphas = coefficients.index_select(0, mm.a_index)
     t_sizes = [n * k * mm.chunk for n, _, k in mm.shapes]
     a_sizes = [n * r * k for n, r, k in mm.shapes]

@@ -59,7 +59,7 @@ class SSNProgram:
             return self
         hit = self._on.get(device)
         if hit is None:
-            mm = replace(self.matmuls, t_index=self.matmuls.t_index.to(device), a_index=self.matmuls.a_index.to(device))
+            mm = self.matmuls.to(device)
             hit = self._on[device] = replace(
                 self, matmuls=mm, wavg_gain=self.wavg_gain.to(device), d_index=self.d_index.to(device),
                 m_index=None if self.m_index is None else self.m_index.to(device),

@@ -47,7 +47,7 @@ class SWProgram:
             return self
         hit = self._on.get(device)
         if hit is None:
-            mm = replace(self.matmuls, t_index=self.matmuls.t_index.to(device), a_index=self.matmuls.a_index.to(device))
+            mm = self.matmuls.to(device)
             asm = [replace(a, rows=a.rows.to(device), run_slot=a.run_slot.to(device)) for a in self.assemblies]
             hit = self._on[device] = replace(self, matmuls=mm, assemblies=asm, _on={})
         return hit
