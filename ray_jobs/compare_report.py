@@ -9,6 +9,7 @@ from pathlib import Path
 
 from core.errors import SuperweightsError
 
+from .compare_plan import variant_name
 from .compare_plots import plot_accuracy_vs_params, plot_anytime_panels
 
 KIND_TAG = "superweights.kind"
@@ -46,12 +47,12 @@ def build_report(uri: str, experiment: str, settings: dict[str, str] | None = No
     groups: dict[tuple, list] = {}
     for r in latest.values():
         budget = r["tags.budget_ratio"]
-        label = settings[r[f"tags.{SETTINGS_TAG}"]] if settings is not None else r[f"tags.{VARIANT_TAG}"]
+        label = settings[r[f"tags.{SETTINGS_TAG}"]] if settings is not None else _label_of(r)
         groups.setdefault((label, float(budget) if budget else None), []).append(r)
     full_params = [float(r["metrics.total_params"]) for (v, _), rs in groups.items() if v == "full" for r in rs]
     reference = full_params[0] if full_params else None
     rows, curves = [], []
-    for (variant, budget), rs in sorted(groups.items(), key=lambda kv: (_order(kv[0][0]), kv[0][1] or 0.0)):
+    for (variant, budget), rs in sorted(groups.items(), key=lambda kv: _row_key(*kv[0])):
         def stat(key, rs=rs):
             values = [float(r[f"metrics.{key}"]) for r in rs]
             return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
@@ -91,8 +92,30 @@ def _mean_member_accuracy(run) -> float:
     return statistics.mean(values) if values else float("nan")
 
 
+def _label_of(run) -> str:
+    """A run's table label from its logged config: runs logged before labels named the learning steps carry
+    a bare "superweights" or "ssn-*" tag whatever steps they trained with."""
+    tag = run[f"tags.{VARIANT_TAG}"]
+    if not (tag.startswith("superweights") or tag.startswith("ssn")):
+        return tag
+
+    def param(key, default):
+        value = run.get(f"params.{key}")
+        return default if value is None or value != value else value  # absent or NaN (pandas) -> default
+
+    return variant_name(tag.split(",")[0], param("bank.grouping", "depth"), int(param("bank.unshare_epoch", 0)),
+                     param("bank.ssn_groups", "depth"))
+
+
+def _row_key(variant: str, budget: float | None) -> tuple:
+    # bank methods by label then budget (a method's rows with and without its learning steps stay apart);
+    # full-parameter rows in the order they were planned (a stable sort)
+    banked = variant.startswith("superweights") or variant.startswith("ssn")
+    return _order(variant), variant if banked else "", budget or 0.0
+
+
 def _order(variant: str) -> int:
-    return 0 if variant == "superweights" else 1 if variant.startswith("ssn") else 2 if variant == "full" else 3
+    return 0 if variant.startswith("superweights") else 1 if variant.startswith("ssn") else 2 if variant == "full" else 3
 
 
 COLUMNS = ["method", "budget", "seeds", "total_params", "pct_of_full", "accuracy_mean", "accuracy_std",

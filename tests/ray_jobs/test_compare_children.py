@@ -23,3 +23,30 @@ def test_ssn_variants_that_upsample_nothing_are_trained_once_as_wavg():
 def test_one_asked_ssn_variant_keeps_its_name():
     children = plan_children(CONFIG, [], [1.0], 1, ["ssn-mask"])
     assert [(c.variant, c.config.bank.upsample) for c in children] == [("ssn-mask", "mask")]
+
+
+def test_rows_name_the_learning_steps_so_runs_with_and_without_them_never_share_a_row():
+    steps = ["bank.grouping=gradient", "bank.unshare_epoch=3"]
+    assert [c.variant for c in plan_children(CONFIG, steps, [0.5], 1, ["superweights", "ssn-inter", "full"])] == [
+        "superweights, gradient grouping + unsharing at epoch 3", "ssn-inter", "full"]
+    assert [c.variant for c in plan_children(CONFIG, ["bank.unshare_epoch=2"], [0.5], 1, ["superweights"])] == [
+        "superweights, unsharing at epoch 2"]
+    assert [c.variant for c in plan_children(CONFIG, ["bank.ssn_groups=learned"], [0.5], 1, ["ssn-mask"])] == [
+        "ssn-mask, learned groups"]
+
+
+def test_report_only_labels_older_runs_from_their_logged_config():
+    """Runs logged before the labels named the steps carry a bare "superweights" tag; their params say which."""
+    import pandas as pd
+
+    from ray_jobs.compare_report import _label_of
+
+    def run(tag, **params):
+        return pd.Series({"tags.superweights.variant": tag, **{f"params.{k}": v for k, v in params.items()}})
+
+    assert _label_of(run("superweights", **{"bank.grouping": "gradient", "bank.unshare_epoch": "10"})) == (
+        "superweights, gradient grouping + unsharing at epoch 10")
+    assert _label_of(run("superweights", **{"bank.grouping": "depth", "bank.unshare_epoch": "0"})) == "superweights"
+    assert _label_of(run("superweights")) == "superweights"  # no params logged: the defaults
+    assert _label_of(run("ssn-inter", **{"bank.ssn_groups": "learned"})) == "ssn-inter, learned groups"
+    assert _label_of(run("member wrn-10-1", **{"bank.grouping": "gradient"})) == "member wrn-10-1"

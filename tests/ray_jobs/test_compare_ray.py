@@ -204,7 +204,8 @@ def test_method_steps_run_in_compare_children(ray_connected, mlflow_uri, tmp_pat
                  "bank.unshare_batches=1", "bank.unshare_threshold=1.01"]  # 1.01: every shared pair splits
     report = compare(CONFIG, overrides, [0.1], 1, ["superweights", "ssn-repeat", "full"], "method-steps", mlflow_uri,
                      tmp_path / "report", log=lambda s: None, resources=ChildResources(max_concurrent=2))
-    assert [r["method"] for r in report["rows"]] == ["superweights", "ssn-repeat", "full"]
+    sw_label, ssn_label = "superweights, gradient grouping + unsharing at epoch 1", "ssn-repeat, learned groups"
+    assert [r["method"] for r in report["rows"]] == [sw_label, ssn_label, "full"]
     runs = runs_of(mlflow_uri, "method-steps")
     client = MlflowClient(mlflow_uri)
 
@@ -212,9 +213,9 @@ def test_method_steps_run_in_compare_children(ray_connected, mlflow_uri, tmp_pat
         path = client.download_artifacts(run.info.run_id, "checkpoint/plan.json", str(tmp_path / run.info.run_id))
         return json.loads(open(path).read())["bank"]
 
-    ssn = plan_of(runs["ssn-repeat b=0.1 s=0"])
+    ssn = plan_of(runs[f"{ssn_label} b=0.1 s=0"])
     assert len(ssn["groups"]) == 2  # k-means groups, not the 4 depth bins
-    sw_run = runs["superweights b=0.1 s=0"]
+    sw_run = runs[f"{sw_label} b=0.1 s=0"]
     sw = plan_of(sw_run)
     assert len({s["group"] for s in sw["slots"]}) == sw_run.data.metrics["groups"] > 8  # learned, not depth
     assert sw_run.data.metrics["unshared_pairs"] > 0
