@@ -57,7 +57,7 @@ def plan_children(base_path: str | None, overrides: list[str], budgets: list[flo
                      b, ["bank.method=superweights", f"bank.budget={float(b)}"])
             for m in ssn_variants[b]:
                 upsample = "repeat" if m == WAVG_ONLY else m[4:]  # any upsampler: none is used
-                make(variant_name(m, "depth", 0, base.bank.ssn_groups), b,
+                make(variant_name(m, ssn_groups=base.bank.ssn_groups), b,
                      [*NOT_SUPERWEIGHTS, "bank.method=ssn", f"bank.upsample={upsample}", f"bank.budget={float(b)}"])
         if "full" in methods:
             make("full", None, [*NOT_SUPERWEIGHTS, "bank.method=full"])
@@ -69,8 +69,13 @@ def plan_children(base_path: str | None, overrides: list[str], budgets: list[flo
 
 WAVG_ONLY = "ssn-wavg"
 
+# The SuperWeight method's learning steps (`--set bank.grouping=gradient`, `bank.unshare_epoch=N`) apply to the
+# superweights children; the other methods' configs refuse them, so their children reset them (the defaults:
+# the same settings hash as a child planned without them).
+NOT_SUPERWEIGHTS = ("bank.grouping=depth", "bank.unshare_epoch=0")
 
-def variant_name(method: str, grouping: str, unshare_epoch: int, ssn_groups: str) -> str:
+
+def variant_name(method: str, grouping: str = "depth", unshare_epoch: int = 0, ssn_groups: str = "depth") -> str:
     """The table label of a bank child: the method, plus the learning steps it trained with, so that runs with
     and without them never share a row (one MLflow store often holds both: `compare --report-only`)."""
     if method.startswith("ssn"):
@@ -78,10 +83,6 @@ def variant_name(method: str, grouping: str, unshare_epoch: int, ssn_groups: str
     steps = (["gradient grouping"] if grouping == "gradient" else []) + (
         [f"unsharing at epoch {unshare_epoch}"] if unshare_epoch > 0 else [])
     return ", ".join([method, " + ".join(steps)]) if steps else method
-# The SuperWeight method's learning steps (`--set bank.grouping=gradient`, `bank.unshare_epoch=N`) apply to the
-# superweights children; the other methods' configs refuse them, so their children reset them (the defaults:
-# the same settings hash as a child planned without them).
-NOT_SUPERWEIGHTS = ("bank.grouping=depth", "bank.unshare_epoch=0")
 
 
 def _ssn_variants(config: Config, asked: list[str]) -> list[str]:

@@ -96,7 +96,7 @@ def _label_of(run) -> str:
     """A run's table label from its logged config: runs logged before labels named the learning steps carry
     a bare "superweights" or "ssn-*" tag whatever steps they trained with."""
     tag = run[f"tags.{VARIANT_TAG}"]
-    if not (tag.startswith("superweights") or tag.startswith("ssn")):
+    if not _banked(tag):
         return tag
 
     def param(key, default):
@@ -104,14 +104,17 @@ def _label_of(run) -> str:
         return default if value is None or value != value else value  # absent or NaN (pandas) -> default
 
     return variant_name(tag.split(",")[0], param("bank.grouping", "depth"), int(param("bank.unshare_epoch", 0)),
-                     param("bank.ssn_groups", "depth"))
+                        param("bank.ssn_groups", "depth"))
 
 
 def _row_key(variant: str, budget: float | None) -> tuple:
     # bank methods by label then budget (a method's rows with and without its learning steps stay apart);
     # full-parameter rows in the order they were planned (a stable sort)
-    banked = variant.startswith("superweights") or variant.startswith("ssn")
-    return _order(variant), variant if banked else "", budget or 0.0
+    return _order(variant), variant if _banked(variant) else "", budget or 0.0
+
+
+def _banked(variant: str) -> bool:
+    return variant.startswith(("superweights", "ssn"))
 
 
 def _order(variant: str) -> int:

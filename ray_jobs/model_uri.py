@@ -9,7 +9,8 @@
   a folder, e.g. registered from `runs:/<run id>/checkpoint`).
 
 MLflow URIs are downloaded with `mlflow.artifacts.download_artifacts` (storage URIs with pyarrow) into a
-temporary folder that lives only while the model loads (weights are materialised at load). Every failure is one `SuperweightsError` line.
+temporary folder that lives only while the model loads (weights are materialised at load). Every failure is
+one `SuperweightsError` line.
 """
 
 from __future__ import annotations

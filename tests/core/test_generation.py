@@ -117,7 +117,8 @@ METADATA = {
 # aten calls that run a kernel in one generation forward + backward, whatever the plan: ~70 fixed (gathers,
 # scatters, gains, allocations) + 3 bmm per (K, R) class, and classes are bounded by max_templates x the row
 # classes (exact up to 4 coefficient sets per block, then powers of two), never by slots or blocks. Measured:
-# 82 (11 slots), 97 (56 slots, digits), 104 (182 slots), +6 since the template gather by runs (103 on digits); the reference: 2,062 / 7,081 / ~25,000.
+# 82 (11 slots), 97 (56 slots, digits), 104 (182 slots), +6 since the template gather by runs (103 on digits);
+# the reference: 2,062 / 7,081 / ~25,000.
 KERNEL_BOUND = 120
 # Metadata-only calls: one view per slot weight and one per slot gradient are ours; autograd's bookkeeping of a
 # custom Function's view outputs adds a few more per slot (measured ~7 per slot in all), plus ~150 views of
