@@ -43,7 +43,7 @@ class SWProgram:
         return self.matmuls.flops
 
     def to(self, device: torch.device) -> SWProgram:
-        if self.matmuls.t_index.device == device:
+        if self.matmuls.device == device:
             return self
         hit = self._on.get(device)
         if hit is None:
