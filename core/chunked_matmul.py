@@ -116,39 +116,34 @@ def bank_gradient(t_index: Tensor, real: Tensor, bank_numel: int) -> BankGradien
     `real` entries (not padding columns, whose gradient is zero) count. The template gradient it gathers
     from has one more entry, kept zero: the source of bank entries without an l-th reader."""
     zero = t_index.numel()  # the zero entry
-    pos = real.nonzero().flatten()
+    pos = real.nonzero().flatten()  # template entries that read the bank, in order
     dest = t_index[pos]
-    order = torch.sort(dest, stable=True).indices  # readers of each bank entry, in template-entry order
-    dest, pos = dest[order], pos[order]
-    counts = torch.bincount(dest, minlength=bank_numel)
-    first_of = torch.cumsum(counts, 0) - counts
-    rank = torch.arange(dest.numel()) - first_of[dest]
-    layers = []
-    for layer in range(min(LAYERS, int(counts.max()) if bank_numel else 0)):
-        sel = rank == layer
-        if layer and int(sel.sum()) < MIN_LAYER * dest.numel():  # tiled banks: each layer holds too few
+    total, layers = max(pos.numel(), 1), []
+    while pos.numel() and len(layers) < LAYERS:  # layer l: each bank entry's first reader not in layers < l
+        src = torch.full((bank_numel,), zero, dtype=torch.long).scatter_reduce_(0, dest, pos, "amin")
+        took = src[dest] == pos
+        if layers and int(took.sum()) < MIN_LAYER * total:  # tiled banks: each layer would hold too few
             break
-        src = torch.full((bank_numel,), zero, dtype=torch.long)
-        src[dest[sel]] = pos[sel]
-        layers.append((src, dest[sel]))
+        layers.append(src)
+        keep = (~took).nonzero().flatten()  # (an index: boolean-mask indexing took seconds on big plans)
+        pos, dest = pos[keep], dest[keep]  # the rest stays in template-entry order
     best = None
     for length in RUNS:
         n_runs = -(-bank_numel // length)
         plan = []
-        for layer, (src, hit) in enumerate(layers):
+        for layer, src in enumerate(layers):
             padded = torch.cat((src, torch.full((n_runs * length - bank_numel,), zero, dtype=torch.long)))
-            rows = torch.arange(n_runs) if layer == 0 else torch.unique(hit // length)
-            plan.append((run_gather(padded.view(n_runs, length)[rows].flatten(), length, zero + 1, zero), rows))
+            padded = padded.view(n_runs, length)
+            rows = torch.arange(n_runs) if layer == 0 else (padded != zero).any(1).nonzero().flatten()
+            plan.append((run_gather(padded[rows].flatten(), length, zero + 1, zero), rows))
         gathered = sum(g.numel for g, _ in plan) or 1
         fixes = sum(g.fix_at.numel() + g.entrywise.numel() for g, _ in plan)
         best = (length, plan)
         if fixes <= MAX_FIXES * gathered:
             break
     length, plan = best
-    rest = rank >= len(layers)  # readers no layer holds
     first = plan[0][0] if plan else run_gather(torch.zeros(0, dtype=torch.long), length, zero + 1)
-    return BankGradient(length, first, [(g, rows.unsqueeze(1)) for g, rows in plan[1:]], dest[rest],
-                        pos[rest].to(INDEX))
+    return BankGradient(length, first, [(g, rows.unsqueeze(1)) for g, rows in plan[1:]], dest, pos.to(INDEX))
 
 
 def _bank_gradient(bg: BankGradient, g_t: Tensor, read: int, total: int) -> Tensor:

@@ -50,10 +50,12 @@ def run_gather(index: Tensor, length: int, src_numel: int, sentinel: int | None 
     if src_numel < length:
         return RunGather(length, empty.to(INDEX), empty, empty.to(INDEX), index.to(INDEX))
     rows = index.view(-1, length)
-    shift = rows - torch.arange(length)  # the start each entry asks for; take the first one that is real
-    real = rows != sentinel if sentinel is not None else torch.ones_like(rows, dtype=torch.bool)
-    first = real.to(torch.uint8).argmax(dim=1, keepdim=True)
-    starts = shift.gather(1, first).squeeze(1).clamp(0, src_numel - length)
+    if sentinel is None:
+        starts = rows[:, 0]
+    else:  # the start the row's first real entry asks for
+        first = (rows != sentinel).to(torch.uint8).argmax(dim=1, keepdim=True)
+        starts = rows.gather(1, first).squeeze(1) - first.squeeze(1)
+    starts = starts.clamp(0, src_numel - length)
     wrong = (rows != starts.unsqueeze(1) + torch.arange(length)).flatten().nonzero().flatten()
     return RunGather(length, starts.to(INDEX), wrong, index[wrong].to(INDEX), empty.to(INDEX))
 
