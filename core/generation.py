@@ -20,16 +20,19 @@ the same arithmetic in a handful of kernels:
    one in-place multiply per u applies each slot's fixed gain. Slot weights are views of that buffer.
    SSN wavg slots are blocks with R = 1 whose chunks are consecutive: the matmul output (times the gains)
    *is* their weight buffer, nothing to assemble; repeat and mask slots are one gather of the bank.
-3. **Backward** in the same few kernels: one concatenation of the slot gradients, one multiply and one
-   `scatter_add_` per u into the matmul-output gradient, two bmm per class, one `scatter_add_` into the bank
-   gradient and one into the coefficient gradient.
+3. **Backward** in the same few kernels: one concatenation of the slot gradients, one row scatter folding
+   duplicate slots' gradients onto their original's (corresponding slots of one shape read the same cells
+   with the same coefficient set, so they are generated once and viewed twice), one multiply and one
+   `scatter_add_` per u into the matmul-output gradient, two bmm per class, the bank gradient as gathers of
+   runs in a few layers (`core.chunked_matmul.BankGradient`: parallel, where an entry-wise scatter_add_ runs
+   on one CPU thread) and one `scatter_add_` into the coefficient gradient.
 
 Memory (issue 16 item 4). The matmul output is a temporary: the assembly's backward needs only indices,
 so it is freed as soon as the slot weights are gathered; generated weights exist once, as the flat buffer
 the slot weights view. Templates and coefficient matrices are not kept for backward either: they are
 gathered again there (one gather each), so between forward and backward generation holds nothing but
-the slot weights. The price is persistent index tensors (int32): one entry per template entry and one per
-assembled run, built once per plan.
+the slot weights. The price is persistent index tensors (int32, built once per plan): one entry per run of
+template entries, bank-gradient entries and assembled entries, plus the few entries fixed one by one.
 
 Bit-exactness. The layout (chunk size, classes, which block in which class) comes from the whole plan,
 and a program for a subset of slots (a member-parallel worker's) only drops chunks, so each kept chunk is
@@ -38,7 +41,8 @@ Metadata-only operations (one `as_strided` view per slot weight, one flattening 
 are the only per-slot aten calls left: they launch no kernel.
 
 Where the code is (this module is the way in and re-exports their public names): `core.chunked_matmul`
-(step 1, and the bmm half of step 3), `core.flat_views` (slot weights as views of one flat buffer, their
+(step 1, and the bmm half of step 3), `core.run_gather` (gathers by runs: the templates, the bank
+gradient), `core.flat_views` (slot weights as views of one flat buffer, their
 gradients concatenated), `core.superweight_program` (step 2 and its backward for SuperWeights) and
 `core.ssn_program` (the SSN program).
 """
