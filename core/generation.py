@@ -24,7 +24,7 @@ the same arithmetic in a handful of kernels:
    duplicate slots' gradients onto their original's (corresponding slots of one shape read the same cells
    with the same coefficient set, so they are generated once and viewed twice), one multiply and one
    `scatter_add_` per u into the matmul-output gradient, two bmm per class, the bank gradient as gathers of
-   runs in a few layers (`core.chunked_matmul.BankGradient`: parallel, where an entry-wise scatter_add_ runs
+   runs in a few layers (`core.bank_gradient.BankGradient`: parallel, where an entry-wise scatter_add_ runs
    on one CPU thread) and one `scatter_add_` into the coefficient gradient.
 
 Memory (issue 16 item 4). The matmul output is a temporary: the assembly's backward needs only indices,
@@ -41,9 +41,9 @@ Metadata-only operations (one `as_strided` view per slot weight, one flattening 
 are the only per-slot aten calls left: they launch no kernel.
 
 Where the code is (this module is the way in and re-exports their public names): `core.chunked_matmul`
-(step 1, and the bmm half of step 3), `core.run_gather` (gathers by runs: the templates, the bank
-gradient), `core.flat_views` (slot weights as views of one flat buffer, their
-gradients concatenated), `core.superweight_program` (step 2 and its backward for SuperWeights) and
+(step 1, and the bmm half of step 3), `core.bank_gradient` (the bank gradient in layers), `core.run_gather`
+(gathers by runs: the templates, the bank gradient), `core.flat_views` (slot weights as views of one flat
+buffer, their gradients concatenated), `core.superweight_program` (step 2 and its backward for SuperWeights) and
 `core.ssn_program` (the SSN program).
 """
 
@@ -51,7 +51,6 @@ from __future__ import annotations
 
 from .chunked_matmul import (
     CHUNKS,
-    INDEX,
     MAX_PADDING,
     SCATTER,
     Item,
@@ -63,6 +62,7 @@ from .chunked_matmul import (
     row_class,
 )
 from .flat_views import Views
+from .run_gather import INDEX
 from .ssn_program import SSNProgram, run_ssn, ssn_items, ssn_program, ssn_wavg_starts
 from .superweight_program import Assembly, SWProgram, run_superweights, sw_items, sw_program, sw_units
 

@@ -16,8 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .chunked_matmul import INDEX, SCATTER, Item, MatmulLayout, Matmuls, _Matmul, build_matmuls
+from .chunked_matmul import SCATTER, Item, MatmulLayout, Matmuls, _Matmul, build_matmuls
 from .flat_views import Views, _flat_grads
+from .run_gather import INDEX
 
 
 def ssn_wavg_starts(plan, i: int) -> tuple[int, ...]:

@@ -15,8 +15,9 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import Tensor
 
-from .chunked_matmul import INDEX, SCATTER, Item, MatmulLayout, Matmuls, _Matmul, build_matmuls
+from .chunked_matmul import SCATTER, Item, MatmulLayout, Matmuls, _Matmul, build_matmuls
 from .flat_views import Views, _flat_grads
+from .run_gather import INDEX
 
 
 @dataclass
@@ -36,10 +37,10 @@ class SWProgram:
     views: Views  # where each slot's gradient goes in backward's flat buffer (duplicates after everything)
     numel: int  # entries of the forward buffer (the assembled slots; duplicates view them)
     blocks: list[int]  # block ids the program computes
-    weight_views: Views = None  # where each slot's weight is in the forward buffer (a duplicate: its original's)
-    fold_unit: int = 1  # backward: every duplicate's gradient, in runs of this many entries, ...
-    fold_rows: Tensor | None = None  # ... is added onto its original's run (its index in flat viewed as runs)
-    grad_numel: int = 0  # entries of backward's flat buffer
+    weight_views: Views  # where each slot's weight is in the forward buffer (a duplicate: its original's)
+    fold_unit: int  # backward: every duplicate's gradient, in runs of this many entries, ...
+    fold_rows: Tensor | None  # ... is added onto its original's run (its index in flat viewed as runs)
+    grad_numel: int  # entries of backward's flat buffer
     _on: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -95,11 +96,10 @@ def sw_program(plan, layout: MatmulLayout, units: list[int], slot_ids: list[int]
     by_unit: dict[int, list[list[int]]] = defaultdict(list)
     for same in copies.values():
         by_unit[units[plan.slot_group[same[0]]]].append(same)
-    assemblies, order, offsets, weight_at, start, rounds = [], [], [], {}, 0, []
+    assemblies, order, offsets, weight_at, start = [], [], [], {}, 0
     for u in sorted(by_unit):
         rows, owners, first = [], [], start
-        groups = sorted(by_unit[u], key=lambda same: (-len(same), same[0]))  # originals with copies first
-        for same in groups:
+        for same in by_unit[u]:
             i = same[0]
             spec = plan.slots[i]
             kk = spec.numel // (spec.shape[0] * spec.shape[1])
@@ -122,19 +122,14 @@ def sw_program(plan, layout: MatmulLayout, units: list[int], slot_ids: list[int]
             weight_at[i] = start
             start += spec.numel
         assemblies.append(Assembly(u, first, torch.cat(rows).to(SCATTER), torch.cat(owners).to(INDEX)))
-        rounds.append(groups)
     numel, grad_at, dup_of = start, start, []
-    for groups in rounds:  # copy round c: the c-th copy of every original that has one, in order
-        for c in range(1, max((len(same) for same in groups), default=1)):
-            for same in groups:
-                if len(same) <= c:
-                    break
-                dup = same[c]
-                order.append(dup)
-                offsets.append(grad_at)
-                weight_at[dup] = weight_at[same[0]]
-                dup_of.append((weight_at[dup], plan.slots[dup].numel))
-                grad_at += plan.slots[dup].numel
+    for same in copies.values():  # duplicates' gradients after every original's
+        for dup in same[1:]:
+            order.append(dup)
+            offsets.append(grad_at)
+            weight_at[dup] = weight_at[same[0]]
+            dup_of.append((weight_at[dup], plan.slots[dup].numel))
+            grad_at += plan.slots[dup].numel
     fold_unit = math.gcd(*(plan.slots[i].numel for i in slot_ids))  # every offset is a multiple of it
     fold_rows = (torch.cat([torch.arange(at // fold_unit, (at + n) // fold_unit) for at, n in dup_of]).unsqueeze(1)
                  if dup_of else None)
