@@ -64,11 +64,10 @@ def persistent_bytes(model, opt) -> int:
         tensors.update({t.data_ptr(): t.untyped_storage().nbytes() for t in state.values() if torch.is_tensor(t)})
     bank = getattr(model, "bank", None)
     for program in getattr(bank, "_programs", {}).values():  # generation index tensors (built once per plan)
-        mm = getattr(program, "matmuls", None)
-        if mm is not None:
-            tensors.update({t.data_ptr(): t.untyped_storage().nbytes() for t in mm.index_tensors()})
-        for a in getattr(program, "assemblies", ()):
-            tensors.update({t.data_ptr(): t.untyped_storage().nbytes() for t in (a.rows, a.run_slot)})
+        if program is None:
+            continue
+        index = program.index_tensors() if hasattr(program, "index_tensors") else program.matmuls.index_tensors()
+        tensors.update({t.data_ptr(): t.untyped_storage().nbytes() for t in index})
     return sum(tensors.values())
 
 

@@ -17,7 +17,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-from .generation import SWProgram, matmul_layout, run_superweights, sw_items, sw_program, sw_units
+from .generation import SWProgram, matmul_layout, run_superweights, sw_items, sw_program
 from .plan import Plan, SlotSpec
 from .windows import cyclic_windows
 
@@ -58,7 +58,6 @@ class SuperWeightBank(nn.Module):
         # Generation programs (index tensors, `core.generation`): the layout comes from the whole plan so a
         # subset program computes exactly the full one's values; one program per requested slot set.
         self._layout = matmul_layout(sw_items(plan))
-        self._units = sw_units(plan, self._layout.chunk)
         self._programs: dict[tuple[int, ...] | None, SWProgram | None] = {}
 
     def _subset(self, slots: Iterable[int]) -> tuple[list[int], list[int]]:
@@ -78,7 +77,7 @@ class SuperWeightBank(nn.Module):
         hit = self._programs.get(key, False)
         if hit is False:
             ids = list(range(len(self.plan.slots))) if key is None else self._subset(key)[0]
-            hit = self._programs[key] = sw_program(self.plan, self._layout, self._units, ids) if ids else None
+            hit = self._programs[key] = sw_program(self.plan, self._layout, ids) if ids else None
         return None if hit is None else hit.to(self.bank.device)
 
     def templates(self, block_id: int) -> Tensor:

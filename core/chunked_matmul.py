@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from .bank_gradient import BankGradient, bank_gradient, bank_gradient_of
+from .gather_adjoint import GatherAdjoint, adjoint_of, gather_adjoint
 from .run_gather import RunGather, gather_runs, run_gather
 
 CHUNKS = (512, 256, 128, 64, 32)  # candidate chunk sizes, largest first (entries; 32 floats = 128 bytes)
@@ -88,7 +88,7 @@ class Matmuls:
     a_index: Tensor  # coefficient of every alpha entry, classes concatenated ([n, R, K] each)
     place: dict[int, tuple[int, int]]  # item key -> (first entry of its output in `out`, its R)
     out_numel: int
-    bank_grad: BankGradient
+    bank_grad: GatherAdjoint
     bank_numel: int
 
     def to(self, device) -> Matmuls:
@@ -151,7 +151,7 @@ def build_matmuls(layout: MatmulLayout, keep) -> Matmuls:
     # The template gather by runs: a chunk of a cyclic window is C consecutive bank entries unless the window
     # wraps inside it (on 2 CPU cores the entry-wise gather of the digits plan's templates took twice as long).
     templates = run_gather(t_index, c, bank_numel)
-    return Matmuls(c, shapes, templates, cat(a_parts), place, out, bank_gradient(t_index, real, bank_numel),
+    return Matmuls(c, shapes, templates, cat(a_parts), place, out, gather_adjoint(t_index, real, bank_numel),
                    bank_numel)
 
 
@@ -179,7 +179,7 @@ def _matmul_forward(mm: Matmuls, bank: Tensor, coefficients: Tensor) -> Tensor:
 def _matmul_backward(mm: Matmuls, bank: Tensor, coefficients: Tensor, grad: Tensor, need_bank: bool,
                      need_coef: bool) -> tuple[Tensor | None, Tensor | None]:
     ts, as_ = _operands(mm, bank, coefficients)  # gathered again: cheaper than keeping them alive
-    g_t = bank.new_empty(mm.t_numel + 1) if need_bank else None  # + the zero entry `bank_gradient_of` reads
+    g_t = bank.new_empty(mm.t_numel + 1) if need_bank else None  # + the zero entry `adjoint_of` reads
     g_a = bank.new_empty(mm.a_index.numel()) if need_coef else None
     start = t0 = a0 = 0
     c = mm.chunk
@@ -190,7 +190,7 @@ def _matmul_backward(mm: Matmuls, bank: Tensor, coefficients: Tensor, grad: Tens
         if need_coef:
             torch.bmm(g, t.transpose(1, 2), out=g_a[a0 : a0 + n * r * k].view(n, r, k))
         start, t0, a0 = start + n * r * c, t0 + n * k * c, a0 + n * r * k
-    gb = bank_gradient_of(mm.bank_grad, g_t, mm.bank_numel, bank.numel()) if need_bank else None
+    gb = adjoint_of(mm.bank_grad, g_t, mm.bank_numel, bank.numel()) if need_bank else None
     # scatter_add_, not index_add_: on CPU the latter is ~1.5x slower on 1-D and ~8x on rows (measured)
     gc = coefficients.new_zeros(coefficients.numel()).scatter_add_(0, mm.a_index, g_a) if need_coef else None
     return gb, gc

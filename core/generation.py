@@ -64,10 +64,9 @@ from .chunked_matmul import (
 from .flat_views import Views
 from .run_gather import INDEX
 from .ssn_program import SSNProgram, run_ssn, ssn_items, ssn_program, ssn_wavg_starts
-from .superweight_program import Assembly, SWProgram, run_superweights, sw_items, sw_program, sw_units
+from .superweight_program import SWProgram, run_superweights, sw_items, sw_program
 
 __all__ = [
-    "Assembly",
     "CHUNKS",
     "INDEX",
     "Item",
@@ -89,5 +88,4 @@ __all__ = [
     "ssn_wavg_starts",
     "sw_items",
     "sw_program",
-    "sw_units",
 ]
