@@ -3,8 +3,8 @@
 Step 1 of the batched generation (`core.generation` has the design): the layout (chunk size and classes,
 from the whole plan so that a subset program computes bit for bit the full one's values), the index tensors
 that gather the templates and coefficients of each class out of the flat vectors, and the autograd
-Function `_Matmul` whose forward is one bmm per class and whose backward gathers the operands again (nothing
-is kept for backward but the bank and coefficients). Both generation programs start here.
+Function `_Matmul` whose forward is one bmm per class (two in backward, which keeps the gathered templates).
+Both generation programs start here.
 """
 
 from __future__ import annotations
@@ -155,9 +155,9 @@ def build_matmuls(layout: MatmulLayout, keep) -> Matmuls:
                    bank_numel)
 
 
-def _operands(mm: Matmuls, bank: Tensor, coefficients: Tensor):
-    """Per class the bmm operands (templates [n, K, C], alphas [n, R, K]): one gather of each vector."""
-    templates = gather_runs(mm.templates, bank)
+def _operands(mm: Matmuls, templates: Tensor, coefficients: Tensor):
+    """Per class the bmm operands (templates [n, K, C], alphas [n, R, K]) from the gathered templates and one
+    gather of the coefficients."""
     alphas = coefficients.index_select(0, mm.a_index)
     t_sizes = [n * k * mm.chunk for n, _, k in mm.shapes]
     a_sizes = [n * r * k for n, r, k in mm.shapes]
@@ -166,9 +166,9 @@ def _operands(mm: Matmuls, bank: Tensor, coefficients: Tensor):
     return ts, as_
 
 
-def _matmul_forward(mm: Matmuls, bank: Tensor, coefficients: Tensor) -> Tensor:
-    out = bank.new_empty(mm.out_numel)
-    ts, as_ = _operands(mm, bank, coefficients)
+def _matmul_forward(mm: Matmuls, templates: Tensor, coefficients: Tensor) -> Tensor:
+    out = templates.new_empty(mm.out_numel)
+    ts, as_ = _operands(mm, templates, coefficients)
     start = 0
     for t, a, (n, r, _) in zip(ts, as_, mm.shapes):
         torch.bmm(a, t, out=out[start : start + n * r * mm.chunk].view(n, r, mm.chunk))
@@ -176,9 +176,9 @@ def _matmul_forward(mm: Matmuls, bank: Tensor, coefficients: Tensor) -> Tensor:
     return out
 
 
-def _matmul_backward(mm: Matmuls, bank: Tensor, coefficients: Tensor, grad: Tensor, need_bank: bool,
-                     need_coef: bool) -> tuple[Tensor | None, Tensor | None]:
-    ts, as_ = _operands(mm, bank, coefficients)  # gathered again: cheaper than keeping them alive
+def _matmul_backward(mm: Matmuls, bank: Tensor, templates: Tensor, coefficients: Tensor, grad: Tensor,
+                     need_bank: bool, need_coef: bool) -> tuple[Tensor | None, Tensor | None]:
+    ts, as_ = _operands(mm, templates, coefficients)
     g_t = bank.new_empty(mm.t_numel + 1) if need_bank else None  # + the zero entry `adjoint_of` reads
     g_a = bank.new_empty(mm.a_index.numel()) if need_coef else None
     start = t0 = a0 = 0
@@ -197,16 +197,20 @@ def _matmul_backward(mm: Matmuls, bank: Tensor, coefficients: Tensor, grad: Tens
 
 
 class _Matmul(torch.autograd.Function):
-    """Flat output of every chunked bmm; saves nothing but the (non-generated) bank and coefficients."""
+    """Flat output of every chunked bmm. Keeps the gathered templates for backward (the coefficient gradient
+    needs them): gathering them again there cost ~1 ms of a ~19 ms digits generation, and the step's memory
+    peak (in backward, where the slot gradients live) did not move (bench/bench_core.py, 0.64 both ways)."""
 
     @staticmethod
     def forward(ctx, bank: Tensor, coefficients: Tensor, mm: Matmuls) -> Tensor:
         ctx.mm = mm
-        ctx.save_for_backward(bank, coefficients)
-        return _matmul_forward(mm, bank, coefficients)
+        templates = gather_runs(mm.templates, bank)
+        ctx.save_for_backward(bank, templates, coefficients)
+        return _matmul_forward(mm, templates, coefficients)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        bank, coefficients = ctx.saved_tensors
-        gb, gc = _matmul_backward(ctx.mm, bank, coefficients, grad.contiguous(), *ctx.needs_input_grad[:2])
+        bank, templates, coefficients = ctx.saved_tensors
+        gb, gc = _matmul_backward(ctx.mm, bank, templates, coefficients, grad.contiguous(),
+                                  *ctx.needs_input_grad[:2])
         return gb, gc, None

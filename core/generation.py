@@ -15,24 +15,27 @@ the same arithmetic in a handful of kernels:
    gather of the flat coefficient vector (rows padded to the class's R read any coefficient: their output
    is never read, so their gradient is exactly zero).
 2. **Assembly** (SuperWeights). A slot weight is a row-major concatenation of grid cells, so in the matmul
-   output it is a sequence of runs of `u` entries, u = gcd(C, the cell row widths of its group) (a power of
-   two). One row gather per distinct u (at most log2(C) + 1) copies the runs into one flat weight buffer;
-   one in-place multiply per u applies each slot's fixed gain. Slot weights are views of that buffer.
-   SSN wavg slots are blocks with R = 1 whose chunks are consecutive: the matmul output (times the gains)
-   *is* their weight buffer, nothing to assemble; repeat and mask slots are one gather of the bank.
-3. **Backward** in the same few kernels: one concatenation of the slot gradients, one row scatter folding
-   duplicate slots' gradients onto their original's (corresponding slots of one shape read the same cells
-   with the same coefficient set, so they are generated once and viewed twice), one multiply and one
-   `scatter_add_` per u into the matmul-output gradient, two bmm per class, the bank gradient as gathers of
-   runs in a few layers (`core.bank_gradient.BankGradient`: parallel, where an entry-wise scatter_add_ runs
-   on one CPU thread) and one `scatter_add_` into the coefficient gradient.
+   output it is a sequence of runs (the cells' rows). One gather by runs (`core.run_gather`: rows of an
+   overlapping strided view, the few entries where a cell row is shorter than a run, as in the 1-channel
+   stem, fixed one by one) copies every slot into one flat weight buffer; one multiply applies each slot's
+   fixed gain (rows of gcd(slot sizes) entries, a slot id per row). Slot weights are views of that buffer.
+   Duplicates (corresponding slots of one shape read the same cells with the same coefficient set) are
+   generated once and viewed twice. SSN wavg slots are blocks with R = 1 whose chunks are consecutive: the
+   matmul output (times the gains) *is* their weight buffer; repeat and mask slots are one gather of the bank.
+3. **Backward** in the same few kernels: one concatenation of the slot gradients (duplicates' included), one
+   multiply by the gains, the adjoint of the assembly gather into the matmul-output gradient, two bmm per
+   class, the adjoint of the template gather into the bank gradient, and one `scatter_add_` into the
+   coefficient gradient. Both adjoints are `core.gather_adjoint.GatherAdjoint`: each gradient entry's first
+   reader is one gather by runs written straight into the gradient (no zero fill), readers past the first
+   a few more layers added row-wise; parallel, where an entry-wise scatter_add_ runs on one CPU thread. A
+   duplicate's gradient is just one more reader of its original's entries.
 
 Memory (issue 16 item 4). The matmul output is a temporary: the assembly's backward needs only indices,
 so it is freed as soon as the slot weights are gathered; generated weights exist once, as the flat buffer
-the slot weights view. Templates and coefficient matrices are not kept for backward either: they are
-gathered again there (one gather each), so between forward and backward generation holds nothing but
-the slot weights. The price is persistent index tensors (int32, built once per plan): one entry per run of
-template entries, bank-gradient entries and assembled entries, plus the few entries fixed one by one.
+the slot weights view. The gathered templates are kept for backward (the coefficient gradient needs them;
+gathering again cost ~1 ms and kept the peak where it was, since the peak comes in backward where the slot
+gradients live). The price is persistent index tensors (int32, built once per plan): one entry per run of
+template entries, gradient entries and assembled entries, plus the few entries fixed one by one.
 
 Bit-exactness. The layout (chunk size, classes, which block in which class) comes from the whole plan,
 and a program for a subset of slots (a member-parallel worker's) only drops chunks, so each kept chunk is
@@ -41,8 +44,8 @@ Metadata-only operations (one `as_strided` view per slot weight, one flattening 
 are the only per-slot aten calls left: they launch no kernel.
 
 Where the code is (this module is the way in and re-exports their public names): `core.chunked_matmul`
-(step 1, and the bmm half of step 3), `core.bank_gradient` (the bank gradient in layers), `core.run_gather`
-(gathers by runs: the templates, the bank gradient), `core.flat_views` (slot weights as views of one flat
+(step 1, and the bmm half of step 3), `core.gather_adjoint` (both adjoints, in layers), `core.run_gather`
+(gathers by runs: the templates, the assembly, the adjoints' layers), `core.flat_views` (slot weights as views of one flat
 buffer, their gradients concatenated), `core.superweight_program` (step 2 and its backward for SuperWeights) and
 `core.ssn_program` (the SSN program).
 """

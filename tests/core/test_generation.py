@@ -181,7 +181,8 @@ def test_ssn_aten_calls_do_not_grow_with_slots():
 
 def test_generated_weights_are_views_of_one_buffer_kept_once():
     """Issue 16 item 4: the slot weights share one storage (no second copy as block outputs), and autograd keeps
-    no tensor of generated-weight size for generation's backward (templates are gathered again there)."""
+    no tensor of generated-weight size for generation's backward: it saves the parameters, the gains and the
+    gathered templates (the coefficient gradient needs them), never the matmul output or the weight buffer."""
     bank = SuperWeightBank(build_plan(traced(DIGITS, 1, 8), 0.5), torch.Generator().manual_seed(0))
     weights = bank()
     storages = {w.untyped_storage().data_ptr() for w in weights}
@@ -204,6 +205,8 @@ def test_generated_weights_are_views_of_one_buffer_kept_once():
         seen.add(n)
         saved += [t for t in getattr(n, "saved_tensors", ())]
         stack += [f for f, _ in n.next_functions]
-    biggest = max((t.numel() for t in saved), default=0)
-    assert biggest <= max(bank.bank.numel(), bank.coefficients.numel())  # only parameters, gains are saved
+    program = bank._program(None)
+    others = [t for t in saved if not any(t is p for p in (bank.bank, bank.coefficients, bank.gains))]
+    assert [t.numel() for t in others] == [program.matmuls.t_numel]  # the templates, once
+    assert program.matmuls.t_numel not in (program.numel, program.matmuls.out_numel)
     assert math.prod(weights[0].shape) == weights[0].numel()
