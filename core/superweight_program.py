@@ -27,8 +27,8 @@ class SWProgram:
     assembly: RunGather  # the forward buffer (the slots, duplicates not repeated; padded to whole runs) <- out
     adjoint: GatherAdjoint  # backward: the matmul-output gradient <- the gradient buffer (duplicates included)
     gain_unit: int  # every slot's entries are whole rows of this many entries (the gcd of the slot sizes) ...
-    weight_gains: Tensor  # ... so a slot id per row of the forward buffer applies the gains in one multiply
-    grad_gains: Tensor  # and one per row of the gradient buffer (a duplicate's: its original's gain)
+    weight_row_slot: Tensor  # ... so a slot id per row of the forward buffer applies the gains in one multiply
+    grad_row_slot: Tensor  # and one per row of the gradient buffer (a duplicate's: its original's gain)
     views: Views  # where each slot's gradient goes in backward's flat buffer (duplicates after everything)
     numel: int  # entries of the forward buffer (the assembled slots; duplicates view them)
     blocks: list[int]  # block ids the program computes
@@ -44,8 +44,8 @@ class SWProgram:
         hit = self._gain_rows.get("last")
         if hit is None or hit[0] is not gains or hit[1] != gains._version:
             hit = self._gain_rows["last"] = (gains, gains._version,
-                                             (gains.index_select(0, self.weight_gains).unsqueeze(1),
-                                              gains.index_select(0, self.grad_gains).unsqueeze(1)))
+                                             (gains.index_select(0, self.weight_row_slot).unsqueeze(1),
+                                              gains.index_select(0, self.grad_row_slot).unsqueeze(1)))
         return hit[2]
 
     @property
@@ -54,7 +54,7 @@ class SWProgram:
 
     def index_tensors(self) -> tuple[Tensor, ...]:
         return (*self.matmuls.index_tensors(), *self.assembly.tensors(), *self.adjoint.tensors(),
-                self.weight_gains, self.grad_gains)
+                self.weight_row_slot, self.grad_row_slot)
 
     def to(self, device: torch.device) -> SWProgram:
         if self.matmuls.device == device:
@@ -63,8 +63,8 @@ class SWProgram:
         if hit is None:
             hit = self._on[device] = replace(
                 self, matmuls=self.matmuls.to(device), assembly=self.assembly.to(device),
-                adjoint=self.adjoint.to(device), weight_gains=self.weight_gains.to(device),
-                grad_gains=self.grad_gains.to(device), _on={}, _gain_rows={})
+                adjoint=self.adjoint.to(device), weight_row_slot=self.weight_row_slot.to(device),
+                grad_row_slot=self.grad_row_slot.to(device), _on={}, _gain_rows={})
         return hit
 
 
@@ -104,7 +104,7 @@ def sw_program(plan, layout: MatmulLayout, slot_ids: list[int]) -> SWProgram:
     sequence of runs (a cell's rows); one gather by runs (`core.run_gather`, a few entries fixed where a cell
     row is shorter than a run, as in the 1-channel stem) copies every slot into one flat buffer, and one
     multiply applies the gains. Backward is the adjoint of that gather (`core.gather_adjoint`): a gather by
-    runs into the matmul-output gradient (no zero fill) plus a layer for entries two slots read.
+    runs into the matmul-output gradient (no zero fill) plus a few layers for entries several slots read.
 
     Duplicates are generated once: corresponding slots of the same shape (a wrn-16-4 and a wrn-10-4 slot in
     one depth bin) read the same cells with the same coefficient set, so until unsharing their weights are
@@ -138,12 +138,12 @@ def sw_program(plan, layout: MatmulLayout, slot_ids: list[int]) -> SWProgram:
     index = torch.cat(parts)
     unit = math.gcd(*(plan.slots[i].numel for i in slot_ids))
     sizes = [plan.slots[i].numel for i in originals]
-    weight_gains = _row_slots(originals, sizes, unit)
-    grad_gains = _row_slots([*originals, *gain_of], [*sizes, *(plan.slots[i].numel for i in gain_of)], unit)
+    weight_row_slot = _row_slots(originals, sizes, unit)
+    grad_row_slot = _row_slots([*originals, *gain_of], [*sizes, *(plan.slots[i].numel for i in gain_of)], unit)
     shapes = [plan.slots[i].shape for i in order]
     return SWProgram(mm, longest_runs(index[:numel], mm.out_numel),
                      gather_adjoint(index, torch.ones(index.numel(), dtype=torch.bool), mm.out_numel), unit,
-                     weight_gains, grad_gains, Views(order, shapes, offsets), numel, blocks,
+                     weight_row_slot, grad_row_slot, Views(order, shapes, offsets), numel, blocks,
                      Views(order, shapes, [weight_at[i] for i in order]), grad_at)
 
 

@@ -122,7 +122,7 @@ METADATA = {
 KERNEL_BOUND = 120
 # Metadata-only calls: one view per slot weight and one per slot gradient are ours; autograd's bookkeeping of a
 # custom Function's view outputs adds a few more per slot (measured ~7 per slot in all), plus ~150 views of
-# the per-class buffers and ~20 of the bank gradient's layers (`core.bank_gradient.BankGradient`). No kernel,
+# the per-class buffers and ~20 of the bank gradient's layers (`core.gather_adjoint.GatherAdjoint`). No kernel,
 # no data.
 METADATA_PER_SLOT = 8
 METADATA_FIXED = 220
