@@ -210,3 +210,23 @@ def test_generated_weights_are_views_of_one_buffer_kept_once():
     assert [t.numel() for t in others] == [program.matmuls.t_numel]  # the templates, once
     assert program.matmuls.t_numel not in (program.numel, program.matmuls.out_numel)
     assert math.prod(weights[0].shape) == weights[0].numel()
+
+
+def test_gains_changed_in_place_are_used_by_the_next_generation():
+    """The per-row gains are memoised on the gains tensor's version: an in-place change (reset, checkpoint load)
+    must reach the very next generation, forward and backward."""
+    bank = SuperWeightBank(build_plan(traced(["wrn-10-2"], 1, 8), 0.5), torch.Generator().manual_seed(0))
+    before = [w.detach().clone() for w in bank()]
+    with torch.no_grad():
+        bank.gains.mul_(2.0)
+    after = bank()
+    for a, b in zip(after, before):
+        torch.testing.assert_close(a.detach(), 2.0 * b, rtol=0, atol=1e-6)
+    grads = [torch.ones_like(w) for w in after]
+    torch.autograd.backward(after, grads)
+    doubled = bank.bank.grad.clone()
+    bank.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        bank.gains.mul_(0.5)
+    torch.autograd.backward(bank(), grads)
+    torch.testing.assert_close(doubled, 2.0 * bank.bank.grad, rtol=1e-5, atol=1e-6)
