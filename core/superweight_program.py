@@ -35,18 +35,18 @@ class SWProgram:
     weight_views: Views  # where each slot's weight is in the forward buffer (a duplicate: its original's)
     grad_numel: int  # entries of backward's flat buffer
     _on: dict = field(default_factory=dict, repr=False)
-    _gain_rows: dict = field(default_factory=dict, repr=False)
+    _gain_memo: tuple | None = field(default=None, repr=False)  # (gains, its version, the two row-gain tensors)
 
     def gain_rows(self, gains: Tensor) -> tuple[Tensor, Tensor]:
         """Each row's gain (forward buffer, gradient buffer), [rows, 1]. Memoised on the gains tensor and its
         version: gains change only when reset or loaded (in place, which bumps the version), and expanding them
         per row was two serial index_selects, 0.55 ms of each digits step."""
-        hit = self._gain_rows.get("last")
-        if hit is None or hit[0] is not gains or hit[1] != gains._version:
-            hit = self._gain_rows["last"] = (gains, gains._version,
-                                             (gains.index_select(0, self.weight_row_slot).unsqueeze(1),
-                                              gains.index_select(0, self.grad_row_slot).unsqueeze(1)))
-        return hit[2]
+        memo = self._gain_memo
+        if memo is None or memo[0] is not gains or memo[1] != gains._version:
+            memo = self._gain_memo = (gains, gains._version,
+                                      (gains.index_select(0, self.weight_row_slot).unsqueeze(1),
+                                       gains.index_select(0, self.grad_row_slot).unsqueeze(1)))
+        return memo[2]
 
     @property
     def flops(self) -> int:
@@ -64,7 +64,7 @@ class SWProgram:
             hit = self._on[device] = replace(
                 self, matmuls=self.matmuls.to(device), assembly=self.assembly.to(device),
                 adjoint=self.adjoint.to(device), weight_row_slot=self.weight_row_slot.to(device),
-                grad_row_slot=self.grad_row_slot.to(device), _on={}, _gain_rows={})
+                grad_row_slot=self.grad_row_slot.to(device), _on={}, _gain_memo=None)
         return hit
 
 
@@ -120,26 +120,28 @@ def sw_program(plan, layout: MatmulLayout, slot_ids: list[int]) -> SWProgram:
         copies[(plan.slots[i].shape, plan.slot_coef[i], plan.slot_group[i], tuple(map(tuple, cells[i])))].append(i)
     originals = [same[0] for same in copies.values()]
     parts, order, offsets, weight_at, start = [], [], [], {}, 0
+    slot_index = {i: _slot_index(plan, mm, i, cells[i]) for i in originals}
     for i in originals:
-        parts.append(_slot_index(plan, mm, i, cells[i]))
+        parts.append(slot_index[i])
         order.append(i)
         offsets.append(start)
         weight_at[i] = start
         start += plan.slots[i].numel
-    numel, grad_at, gain_of = start, start, []
+    numel, grad_at, dup_original = start, start, []
     for same in copies.values():  # duplicates' gradients after every original's
         for dup in same[1:]:
             order.append(dup)
             offsets.append(grad_at)
             weight_at[dup] = weight_at[same[0]]
-            parts.append(parts[originals.index(same[0])])
-            gain_of.append(same[0])
+            parts.append(slot_index[same[0]])
+            dup_original.append(same[0])
             grad_at += plan.slots[dup].numel
     index = torch.cat(parts)
     unit = math.gcd(*(plan.slots[i].numel for i in slot_ids))
     sizes = [plan.slots[i].numel for i in originals]
     weight_row_slot = _row_slots(originals, sizes, unit)
-    grad_row_slot = _row_slots([*originals, *gain_of], [*sizes, *(plan.slots[i].numel for i in gain_of)], unit)
+    grad_row_slot = _row_slots([*originals, *dup_original], [*sizes, *(plan.slots[i].numel for i in dup_original)],
+                               unit)
     shapes = [plan.slots[i].shape for i in order]
     return SWProgram(mm, longest_runs(index[:numel], mm.out_numel),
                      gather_adjoint(index, torch.ones(index.numel(), dtype=torch.bool), mm.out_numel), unit,
