@@ -2,7 +2,7 @@
 
 Generation gathers twice, and backward needs both adjoints: the templates read the bank
 (`core.chunked_matmul`: the bank gradient from the template gradients) and the slot weights read the matmul
-output (`core.superweight_program`: the matmul-output gradient from the slot gradients, duplicates' included).
+output (`core.superweight_program`: the matmul-output gradient from the slot gradients).
 Every entry of the gradient is a sum over the gathered entries that read it. One entry-wise `scatter_add_` of
 every gathered entry does it, but on CPU that op runs on one thread; here the same sums, in the same order, are
 parallel row gathers (`core.run_gather`). `gather_adjoint` builds the index tensors once per program;

@@ -22,13 +22,13 @@ the same arithmetic in a handful of kernels:
    Duplicates (corresponding slots of one shape read the same cells with the same coefficient set) are
    generated once and viewed twice. SSN wavg slots are blocks with R = 1 whose chunks are consecutive: the
    matmul output (times the gains) *is* their weight buffer; repeat and mask slots are one gather of the bank.
-3. **Backward** in the same few kernels: one concatenation of the slot gradients (duplicates' included), one
+3. **Backward** in the same few kernels: one `_foreach_add` of each duplicate's gradient to its original's (one
+   multi-tensor kernel on a GPU), one concatenation of the originals' gradients, one
    multiply by the gains, the adjoint of the assembly gather into the matmul-output gradient, two bmm per
    class, the adjoint of the template gather into the bank gradient, and one `scatter_add_` into the
    coefficient gradient. Both adjoints are `core.gather_adjoint.GatherAdjoint`: each gradient entry's first
    reader is one gather by runs written straight into the gradient (no zero fill), readers past the first
-   a few more layers added row-wise; parallel, where an entry-wise scatter_add_ runs on one CPU thread. A
-   duplicate's gradient is just one more reader of its original's entries.
+   a few more layers added row-wise; parallel, where an entry-wise scatter_add_ runs on one CPU thread.
 
 Memory (issue 16 item 4). The matmul output is a temporary: the assembly's backward needs only indices,
 so it is freed as soon as the slot weights are gathered; generated weights exist once, as the flat buffer
