@@ -16,7 +16,6 @@ Same members, same batch, timed interleaved in one process:
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import interleaved, write_section  # noqa: E402
+from bench.common import cpu_name, interleaved, write_section  # noqa: E402
 from core.reference import ReferenceGenerator  # noqa: E402
 from ensemble.config import load_config  # noqa: E402
 from ensemble.data import DatasetInfo  # noqa: E402
@@ -179,7 +178,7 @@ def main(argv=None):
                         f"| {r['ref_fb_ms']:.2f} / {r['gen_fb_ms']:.2f} "
                         f"| {r['calls_ref'][0]:,} ({r['calls_ref'][1]:,}) / {r['calls_new'][0]:,} ({r['calls_new'][1]:,}) |")
         print(rows[-1], gen_rows[-1], sep="\n", flush=True)
-    device = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
+    device = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({cpu_name()}, {torch.get_num_threads()} threads)"
     body = f"""## Core: SuperWeight ensemble vs full baseline ({args.device})
 
 Command: `python bench/bench_core.py --repeats {args.repeats} --device {args.device}` (medians, interleaved; {device}, torch {torch.__version__}).

@@ -35,3 +35,17 @@ def write_section(name: str, body: str) -> None:
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     BENCHMARKS.write_text(text)
+
+
+def cpu_name() -> str:
+    """The CPU model ("AMD EPYC 7B13"), else the architecture: CPU ratios depend on it (memory-bound weight
+    generation against compute-bound convolutions), so every CPU table says which one measured it."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
