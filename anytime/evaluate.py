@@ -164,7 +164,7 @@ def run_evaluation(folder, split: str = "test", out_dir=None, device: str = "cpu
         raise SuperweightsError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
     ckpt = load_anytime(folder, device)
     t = ckpt.config.train
-    data = load_data(ckpt.config.data, t.seed, t.batch_size, t.eval_batch_size)
+    data = load_data(ckpt.config.data, t.seed, t.batch_size, t.eval_batch_size, device)
     if (data.info.in_channels, *data.info.image_size) != (ckpt.info.in_channels, *ckpt.info.image_size):
         raise SuperweightsError(f"data {data.info.name} does not match the checkpoint's input shape")
     logits, labels = exit_logits(ckpt.model, getattr(data, split), device)

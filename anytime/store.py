@@ -70,7 +70,7 @@ def load_anytime(folder, device: str | torch.device = "cpu", write: bool = True)
         check_record(record, model, config, info, str(path))  # before anything is fitted along it
         if is_fitted(record):
             return AnytimeCheckpoint(config, info, model, metrics, record)
-    val = _validation(config, required=record is None and config.anytime.schedule == "greedy")
+    val = _validation(config, required=record is None and config.anytime.schedule == "greedy", device=device)
     if record is None:
         record = anytime_record(model, config, info, val, device)
     elif val is not None:
@@ -87,12 +87,12 @@ def load_anytime(folder, device: str | torch.device = "cpu", write: bool = True)
     return AnytimeCheckpoint(config, info, model, metrics, record)
 
 
-def _validation(config: Config, required: bool):
+def _validation(config: Config, required: bool, device: str | torch.device = "cpu"):
     """The validation split the fitted parts (and a greedy schedule) need; unless `required`, None when it cannot
     be loaded (e.g. a CIFAR folder missing here): the record keeps the plain combiner, without early-exit table."""
     t = config.train
     try:
-        return load_data(config.data, t.seed, t.batch_size, t.eval_batch_size).val
+        return load_data(config.data, t.seed, t.batch_size, t.eval_batch_size, device).val
     except SuperweightsError as e:
         if required:
             raise

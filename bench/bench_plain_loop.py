@@ -114,7 +114,7 @@ INITS = {"reference": init_reference, "ours": init_ours, "he-fan-in": init_he_fa
 
 
 @torch.no_grad()
-def test_probs(model: nn.Module, x: torch.Tensor, norm, bs: int = 512) -> torch.Tensor:
+def test_probs(model: nn.Module, x: torch.Tensor, norm, bs: int) -> torch.Tensor:
     model.eval()
     out = [F.softmax(model(norm(x[i:i + bs])), dim=1) for i in range(0, len(x), bs)]
     model.train()
@@ -157,6 +157,7 @@ def main() -> int:
     x_tr, y_tr = splits.train._x, splits.train._y
     x_te, y_te = splits.test._x, splits.test._y
     x_va, y_va = splits.val._x, splits.val._y
+    eval_bs = splits.val.batch_size  # train.eval_batch_size as our loop resolves it (0 = automatic)
     scale = splits.train._scale
     mean = torch.tensor(info.mean).view(1, -1, 1, 1)
     std = torch.tensor(info.std).view(1, -1, 1, 1)
@@ -208,13 +209,13 @@ def main() -> int:
                     step(i, xb, yb)
         train_s.append(time.perf_counter() - t0)
         if len(y_va):  # the per-epoch validation pass a training loop runs (ours does)
-            val_mean = torch.stack([test_probs(m, x_va, norm, t.eval_batch_size) for m in models]).mean(0)
+            val_mean = torch.stack([test_probs(m, x_va, norm, eval_bs) for m in models]).mean(0)
             val_acc = (val_mean.argmax(1) == y_va).float().mean().item()
         epoch_s.append(time.perf_counter() - t0)
         if (epoch + 1) % 5 == 0 or epoch + 1 == t.epochs:
             print(f"epoch {epoch + 1:3d}/{t.epochs}  ({epoch_s[-1]:.1f}s, val acc {val_acc:.4f})", flush=True)
 
-    probs = [test_probs(m, x_te, norm) for m in models]
+    probs = [test_probs(m, x_te, norm, eval_bs) for m in models]
     print(f"\n{'':20s}{'test acc':>10s}{'NLL':>9s}")
     accs = []
     for n, pr in zip(names, probs):
@@ -228,7 +229,7 @@ def main() -> int:
     print(f"seconds/epoch (all members): median {statistics.median(epoch_s):.1f} (training steps "
           f"{statistics.median(train_s):.1f}), total {sum(epoch_s):.0f}s")
     if ours is not None:
-        _report(args, cfg, ours, ens_acc, statistics.median(epoch_s), statistics.median(train_s), len(y_va))
+        _report(args, cfg, ours, ens_acc, statistics.median(epoch_s), statistics.median(train_s), len(y_va), eval_bs)
     return 0
 
 
@@ -262,7 +263,7 @@ def _run_ours(args) -> dict:
 
 
 def _report(args, cfg, ours: dict, plain_acc: float, plain_s: float, plain_train_s: float,
-            len_val: int) -> None:
+            len_val: int, eval_bs: int) -> None:
     ratio, train_ratio = ours["epoch_s"] / plain_s, ours["train_s"] / plain_train_s
     cmd = "python bench/bench_plain_loop.py " + " ".join(
         [f"--config {args.config}"] + [f"--set '{s}'" for s in args.set] + [f"--threads {args.threads}"] * bool(args.threads)
@@ -272,7 +273,7 @@ def _report(args, cfg, ours: dict, plain_acc: float, plain_s: float, plain_train
 Command: `{cmd}`. Same members ({', '.join(cfg.ensemble.members)}), data tensors, batches, epochs
 ({cfg.train.epochs}), optimiser settings and threads ({args.threads or 'default'}), one run, ours first. An
 epoch is the training steps plus one validation pass over {cfg.data.name}'s validation split
-({len_val:,} images, batch {cfg.train.eval_batch_size}) on both sides; the training steps alone are ours'
+({len_val:,} images, batch {eval_bs}) on both sides; the training steps alone are ours'
 `train_seconds` (MLflow metric and train_state.json history) and the plain loop's steps timed the same way.
 Target (issue 16): ours / plain <= 1.05.
 

@@ -128,7 +128,7 @@ class ConfigChecks:
             ("train.momentum", t.momentum, (0.0, 1.0, False, True)),  # SGD; 1 never forgets a gradient
             ("train.weight_decay", t.weight_decay, AT_LEAST_0),
             ("train.seed", t.seed, (0, 2**63 - 1, False, False)),  # torch generators take 64-bit seeds
-            ("train.eval_batch_size", t.eval_batch_size, AT_LEAST_1),
+            ("train.eval_batch_size", t.eval_batch_size, AT_LEAST_0),  # 0 = automatic
             ("debug.crash_at_epoch", self.debug.crash_at_epoch, AT_LEAST_0),  # 0 = never
         ]
         # bank.budget: an int counts parameters (>= 1), a float is a fraction of the slot weights (> 0); the

@@ -81,7 +81,9 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4  # never applied to coefficients
     seed: int = 0
-    eval_batch_size: int = 512
+    # images per evaluation batch (validation, test, `evaluate`); 0 (the default) = automatic: 512 on CUDA, on CPU
+    # as many as keep a batch's activations near the caches (`ensemble.data.eval_batch_for`)
+    eval_batch_size: int = 0
     # GPU readiness (ensemble.training.Accelerator). bf16 = torch.autocast around the members' forward;
     # weight generation (bank, coefficients) stays fp32, evaluation too. CPU autocast works as well (slower
     # unless the CPU has bf16 units) and is what the tests exercise.

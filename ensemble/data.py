@@ -221,15 +221,40 @@ def _arrays(cfg: DataConfig, info: DatasetInfo, seed: int) -> tuple[tuple[np.nda
     return (resize_images(x_pool, cfg.image_size), y_pool, resize_images(x_test, cfg.image_size), y_test), scale
 
 
-def load_data(cfg: DataConfig, seed: int, batch_size: int, eval_batch_size: int) -> DataSplits:
+AUTO_EVAL_PIXELS = 32_768  # automatic CPU evaluation batch: at most this many pixels (batch x H x W) per batch
+AUTO_EVAL_MAX, AUTO_EVAL_MIN = 512, 32
+
+
+def eval_batch_for(requested: int, image_size: tuple[int, int], device: str | torch.device = "cpu") -> int:
+    """`train.eval_batch_size`, with 0 resolved: 512 on CUDA; on CPU the largest power of two in [32, 512] with
+    batch x H x W <= 32,768. A CPU evaluation batch whose activations leave the caches is slower per image:
+    validating 1,000 16x16 CIFAR images through wrn-16-2/10-2/16-1/10-1 took 395-498 ms at 512 and 266-286 ms
+    at 128, 28x28 members 2.5 s at 512 and 0.94 s at 64, while on the 8x8 digits 256-512 is fastest (2 cores,
+    2 MiB L2 each; BENCHMARKS.md, plain-loop section). Evaluation results do not depend on the batch."""
+    if requested:
+        return requested
+    if torch.device(device).type == "cuda":
+        return AUTO_EVAL_MAX
+    pixels = max(1, image_size[0] * image_size[1])
+    batch = AUTO_EVAL_MAX
+    while batch > AUTO_EVAL_MIN and batch * pixels > AUTO_EVAL_PIXELS:
+        batch //= 2
+    return batch
+
+
+def load_data(cfg: DataConfig, seed: int, batch_size: int, eval_batch_size: int,
+              device: str | torch.device = "cpu") -> DataSplits:
+    """The train / validation / test loaders of `cfg`; `device` (where evaluation runs) picks the automatic
+    evaluation batch (`eval_batch_size` 0)."""
     info = dataset_info(cfg)
     if not 0 <= cfg.val_fraction < 1:
         raise SuperweightsError(f"data.val_fraction must be in [0, 1), got {cfg.val_fraction}")
     if cfg.train_per_class < 0:
         raise SuperweightsError(f"data.train_per_class must be >= 0 (0 = all), got {cfg.train_per_class}")
-    for key, value in (("train.batch_size", batch_size), ("train.eval_batch_size", eval_batch_size)):
-        if value < 1:
-            raise SuperweightsError(f"{key} must be >= 1, got {value}")
+    for key, value, low in (("train.batch_size", batch_size, 1), ("train.eval_batch_size", eval_batch_size, 0)):
+        if value < low:
+            raise SuperweightsError(f"{key} must be >= {low}{' (0 = automatic)' if low == 0 else ''}, got {value}")
+    eval_batch_size = eval_batch_for(eval_batch_size, info.image_size, device)
     (x_pool, y_pool, x_test, y_test), scale = _arrays(cfg, info, seed)
     present = np.unique(y_pool)
     if len(present) < 2:

@@ -277,7 +277,7 @@ def fit(config: Config, out_dir: str | Path | None = None, device: str = "cpu", 
     local mode."""
     dev = resolve_device(device)
     t = config.train
-    data = data or load_data(config.data, t.seed, t.batch_size, t.eval_batch_size)
+    data = data or load_data(config.data, t.seed, t.batch_size, t.eval_batch_size, dev)
     session = Session(out_dir, finish)
     result = run(config, data, dev, session=session, log=log, progress=progress)
     return FitResult(result.model, result.history, result.metrics, session.final_dir)

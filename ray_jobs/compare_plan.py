@@ -26,7 +26,10 @@ class Child:
     @property
     def settings(self) -> str:
         # [serve] says nothing about training, and leaving it out keeps the hashes of runs logged before it existed
+        # nor does the evaluation batch (results do not depend on it), and leaving it out keeps the runs logged
+        # with the old default 512 reusable under the automatic one
         settings = {k: v for k, v in self.config.to_dict().items() if k != "serve"}
+        settings["train"] = {k: v for k, v in settings["train"].items() if k != "eval_batch_size"}
         return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 

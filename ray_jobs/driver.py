@@ -89,8 +89,9 @@ def _resolve_run(storage: Location, name: str | None, method: str) -> tuple[str,
     return name, run_dir, record
 
 
-# keys a resume may change: more epochs, and how the step runs (compiled or not, memory layout), not what it computes
-RESUMABLE_KEYS = ("train.epochs", "train.compile", "train.channels_last")
+# keys a resume may change: more epochs, and how the step runs (compiled or not, memory layout) or evaluates
+# (its batch; runs from before the automatic batch hold 512), not what it computes
+RESUMABLE_KEYS = ("train.epochs", "train.compile", "train.channels_last", "train.eval_batch_size")
 
 
 def _check_same_config(run_dir: Path | Location, config: Config) -> None:
@@ -109,7 +110,8 @@ def _check_same_config(run_dir: Path | Location, config: Config) -> None:
         if saved.get(key) != now.get(key):
             raise SuperweightsError(
                 f"run {location(run_dir).name!r} was trained with {key}={saved.get(key)!r}, not {now.get(key)!r}: resuming "
-                "needs the same config (only train.epochs, train.compile and train.channels_last may change); pick another --name for a new run"
+                "needs the same config (only train.epochs, train.compile, train.channels_last and train.eval_batch_size may change); "
+                "pick another --name for a new run"
             )
 
 
@@ -176,7 +178,7 @@ def train(config: Config, options: RayOptions | None = None, *, name: str | None
                 workers = min(2, int(ray.cluster_resources().get("CPU", 1)))
             _cluster_check(workers, options.use_gpu, options.cpus_per_worker)
         t = config.train
-        data = load_data(config.data, t.seed, t.batch_size, t.eval_batch_size)
+        data = load_data(config.data, t.seed, t.batch_size, t.eval_batch_size, device)
         summary = plan_summary(config, data.info, before_training=True)
         flops = [m["flops"] for m in summary["members"]]
         layout = resolve_layout(workers, options.member_groups, options.data_replicas, flops, t.batch_size)
@@ -185,7 +187,8 @@ def train(config: Config, options: RayOptions | None = None, *, name: str | None
             _cluster_check(workers, options.use_gpu, options.cpus_per_worker)
         labels = member_labels(list(config.ensemble.members))
         log(f"{len(labels)} members ({', '.join(labels)}) on {data.info.name}: {data.train.num_examples} train / "
-            f"{data.val.num_examples} val / {data.test.num_examples} test images")
+            f"{data.val.num_examples} val / {data.test.num_examples} test images (evaluated {data.val.batch_size} at a "
+            f"time{'' if t.eval_batch_size else ', train.eval_batch_size automatic'})")
         log(f"method {config.bank.method}: {summary['total_params']:,} trainable parameters "
             f"({100 * summary['total_params'] / summary['full_ensemble_params']:.1f}% of the full ensemble's "
             f"{summary['full_ensemble_params']:,}); bank {summary['bank_params']:,}, "

@@ -155,7 +155,7 @@ def train_loop(spec: dict) -> dict:
         device = ray.train.torch.get_device() if spec.get("use_gpu") else torch.device("cpu")
         torch.set_num_threads(int(spec.get("threads", 1)))  # the CPUs this worker reserved
     t = config.train
-    data = load_data(config.data, t.seed, t.batch_size, t.eval_batch_size)
+    data = load_data(config.data, t.seed, t.batch_size, t.eval_batch_size, device)
     if world > 1:
         comm = WorkerCollective(layout, rank, data.info.num_classes, data.train.num_examples, t.batch_size, device)
     else:

@@ -55,6 +55,10 @@ class Loader:
         self._epoch = 0
         self.num_examples = sum(hi - lo for lo, hi in self._slices())
 
+    @property
+    def batch_size(self) -> int:
+        return self._batch_size
+
     def __len__(self) -> int:
         return -(-len(self._y) // self._batch_size)
 

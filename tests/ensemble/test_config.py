@@ -65,7 +65,7 @@ def test_bare_words_are_strings():
         ("train.momentum=1", "train.momentum must be in [0.0, 1.0), got 1.0"),
         ("train.momentum=-0.5", "train.momentum must be in [0.0, 1.0), got -0.5"),
         ("train.weight_decay=-1e-4", "train.weight_decay must be >= 0, got -0.0001"),
-        ("train.eval_batch_size=0", "train.eval_batch_size must be >= 1, got 0"),
+        ("train.eval_batch_size=-1", "train.eval_batch_size must be >= 0, got -1"),
         ("train.seed=-1", "train.seed must be in [0, 9223372036854775807], got -1"),
         ("data.val_fraction=0", "data.val_fraction must be in (0, 1), got 0.0"),
         ("data.val_fraction=1", "data.val_fraction must be in (0, 1), got 1.0"),

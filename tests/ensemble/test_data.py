@@ -13,7 +13,7 @@ import torch
 from core.errors import SuperweightsError
 from ensemble import data as data_module
 from ensemble.config import DataConfig
-from ensemble.data import CIFAR_MD5, DATASETS, DatasetInfo, Loader, dataset_info, load_data
+from ensemble.data import CIFAR_MD5, DATASETS, DatasetInfo, Loader, dataset_info, eval_batch_for, load_data
 
 TRAIN_PER_CLASS = 6  # fake CIFAR training images per class
 TEST_PER_CLASS = 2
@@ -158,6 +158,32 @@ def test_unknown_dataset_name(fn):
     msg = str(e.value)
     assert "'mnist'" in msg and "\n" not in msg
     assert all(name in msg for name in DATASETS)
+
+
+@pytest.mark.parametrize("requested, size, device, batch", [
+    (0, (8, 8), "cpu", 512),  # digits: 512 x 64 pixels = 32,768
+    (0, (14, 14), "cpu", 128),
+    (0, (16, 16), "cpu", 128),
+    (0, (28, 28), "cpu", 32),
+    (0, (32, 32), "cpu", 32),
+    (0, (224, 224), "cpu", 32),  # never under 32
+    (0, (1, 1), "cpu", 512),  # never over 512
+    (0, (32, 32), "cuda", 512),
+    (0, (32, 32), "cuda:1", 512),
+    (100, (32, 32), "cpu", 100),  # a set train.eval_batch_size is kept
+    (7, (8, 8), "cuda", 7),
+])
+def test_automatic_evaluation_batch(requested, size, device, batch):
+    assert eval_batch_for(requested, size, device) == batch
+
+
+def test_load_data_resolves_the_automatic_evaluation_batch_and_keeps_a_set_one():
+    auto = load_data(DataConfig(), seed=0, batch_size=64, eval_batch_size=0)
+    assert (auto.train.batch_size, auto.val.batch_size, auto.test.batch_size) == (64, 512, 512)
+    assert load_data(DataConfig(), seed=0, batch_size=64, eval_batch_size=0, device="cuda").val.batch_size == 512
+    assert load_data(DataConfig(), seed=0, batch_size=64, eval_batch_size=9).test.batch_size == 9
+    with pytest.raises(SuperweightsError, match=r"^train.eval_batch_size must be >= 0 \(0 = automatic\), got -1$"):
+        load_data(DataConfig(), seed=0, batch_size=64, eval_batch_size=-1)
 
 
 def test_digits_shapes_sizes_and_stratification():

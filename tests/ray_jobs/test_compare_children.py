@@ -50,3 +50,14 @@ def test_report_only_labels_older_runs_from_their_logged_config():
     assert _label_of(run("superweights")) == "superweights"  # no params logged: the defaults
     assert _label_of(run("ssn-inter", **{"bank.ssn_groups": "learned"})) == "ssn-inter, learned groups"
     assert _label_of(run("member wrn-10-1", **{"bank.grouping": "gradient"})) == "member wrn-10-1"
+
+
+def test_the_evaluation_batch_is_not_part_of_a_childs_settings():
+    """Runs logged with the old default train.eval_batch_size = 512 stay reusable under the automatic 0: results
+    do not depend on the evaluation batch. What training depends on still changes the hash."""
+    auto = plan_children(CONFIG, [], [0.5], 1, ["superweights", "full"])
+    old = plan_children(CONFIG, ["train.eval_batch_size=512"], [0.5], 1, ["superweights", "full"])
+    assert [c.config.train.eval_batch_size for c in auto + old] == [0, 0, 512, 512]
+    assert [c.settings for c in auto] == [c.settings for c in old]
+    other_lr = plan_children(CONFIG, ["train.lr=0.01"], [0.5], 1, ["superweights", "full"])
+    assert not {c.settings for c in auto} & {c.settings for c in other_lr}

@@ -133,6 +133,9 @@ def test_resume_ignores_runtime_sections_and_old_config_json(tmp_path):
                                                               "debug.crash_at_epoch=1", "train.epochs=3"]))
         (ckpt / "config.json").write_text(json.dumps(saved.to_dict()))
         driver._check_same_config(run_dir, load_config(None, [*TINY, "ray.workers=0", "ray.max_failures=3"]))
+        # a run saved with the old default evaluation batch resumes under the automatic one (and back)
+        (ckpt / "config.json").write_text(json.dumps(load_config(None, [*TINY, "train.eval_batch_size=512"]).to_dict()))
+        driver._check_same_config(run_dir, load_config(None, TINY))
         with pytest.raises(SuperweightsError, match="was trained with train.lr=0.05"):
             driver._check_same_config(run_dir, load_config(None, [*TINY, "train.lr=0.1"]))
     finally:

@@ -57,6 +57,25 @@ def test_corrupt_image_is_one_line_and_exit_2(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_train_evaluates_in_automatic_batches_sized_for_the_images(tmp_path):
+    """The default train.eval_batch_size (0) picks the batch from the image size on the device evaluation runs on:
+    16x16 images on the CPU are evaluated 128 at a time (8x8 digits 512), and the run says so."""
+    from PIL import Image
+
+    for split, n in (("train", 8), ("test", 3)):
+        for c, colour in (("red", (200, 0, 0)), ("blue", (0, 0, 200))):
+            (tmp_path / "imgs" / split / c).mkdir(parents=True)
+            for i in range(n):
+                Image.new("RGB", (16, 16), tuple(min(255, v + 7 * i) for v in colour)).save(
+                    tmp_path / "imgs" / split / c / f"{i}.png")
+    p = _train(tmp_path, "data.name=imagefolder", f"data.root={tmp_path / 'imgs'}", "data.test_split=test",
+               "train.epochs=1", "train.batch_size=4")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "test images (evaluated 128 at a time, train.eval_batch_size automatic)" in p.stdout, p.stdout
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["train"]["eval_batch_size"] == 0  # the setting, not what it resolved to here
+
+
 def test_missing_fashion_mnist_is_one_line_and_exit_2(tmp_path):
     p = _train(tmp_path, "data.name=fashion-mnist", f"data.root={tmp_path}")
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
