@@ -52,6 +52,19 @@ def train_refusal(capsys, storage, *overrides: str) -> str:
     return err
 
 
+def write_image_folder(root: Path, counts: dict[str, int], side: int = 8) -> Path:
+    """An image folder of two classes (red, blue) of `side` x `side` PNGs, `counts[split]` per class and split,
+    each image a slightly different shade (root/split/class/i.png)."""
+    from PIL import Image
+
+    for split, n in counts.items():
+        for c, colour in (("red", (200, 0, 0)), ("blue", (0, 0, 200))):
+            (root / split / c).mkdir(parents=True)
+            for i in range(n):
+                Image.new("RGB", (side, side), tuple(min(255, v + 5 * i) for v in colour)).save(root / split / c / f"{i}.png")
+    return root
+
+
 def free_port(preferred: int | None = None) -> int:
     if preferred:
         with socket.socket() as s:

@@ -14,7 +14,7 @@ import pytest
 from core.errors import SuperweightsError
 from ray_jobs.compare import KIND_TAG, SETTINGS_TAG, ChildResources, compare, format_markdown, train_child
 
-from .conftest import REPO, TWO_MEMBERS, submit_job
+from .conftest import REPO, TWO_MEMBERS, submit_job, write_image_folder
 
 CONFIG = str(REPO / "configs/digits.toml")
 TINY = ["data.train_per_class=10", TWO_MEMBERS, "train.epochs=1"]
@@ -227,14 +227,7 @@ def test_method_steps_run_in_compare_children(ray_connected, mlflow_uri, tmp_pat
 def test_a_relative_data_root_means_the_users_folder_in_compare_children(ray_connected, mlflow_uri, tmp_path,
                                                                           monkeypatch):
     """Compare children run as Ray tasks in a folder of Ray's: `data.root = "imgs"` must still be ./imgs."""
-    from PIL import Image
-
-    for split, n in (("train", 12), ("val", 3)):
-        for c, colour in (("red", (200, 0, 0)), ("blue", (0, 0, 200))):
-            (tmp_path / "imgs" / split / c).mkdir(parents=True)
-            for i in range(n):
-                Image.new("RGB", (8, 8), tuple(min(255, v + 5 * i) for v in colour)).save(
-                    tmp_path / "imgs" / split / c / f"{i}.png")
+    write_image_folder(tmp_path / "imgs", {"train": 12, "val": 3})
     monkeypatch.chdir(tmp_path)
     overrides = [*TINY, 'data.name="imagefolder"', 'data.root="imgs"', 'data.cache_dir="cache"',
                  "data.train_per_class=0", "train.batch_size=8"]

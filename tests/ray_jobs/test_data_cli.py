@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from .conftest import write_image_folder
+
 ROOT = Path(__file__).resolve().parents[2]
 SHARED = ROOT.parent / "shared" / "data"
 CIFAR_JPG = SHARED / "cifar10-jpg.tar.gz"
@@ -60,14 +62,7 @@ def test_corrupt_image_is_one_line_and_exit_2(tmp_path):
 def test_train_evaluates_in_automatic_batches_sized_for_the_images(tmp_path):
     """The default train.eval_batch_size (0) picks the batch from the image size on the device evaluation runs on:
     16x16 images on the CPU are evaluated 128 at a time (8x8 digits 512), and the run says so."""
-    from PIL import Image
-
-    for split, n in (("train", 8), ("test", 3)):
-        for c, colour in (("red", (200, 0, 0)), ("blue", (0, 0, 200))):
-            (tmp_path / "imgs" / split / c).mkdir(parents=True)
-            for i in range(n):
-                Image.new("RGB", (16, 16), tuple(min(255, v + 7 * i) for v in colour)).save(
-                    tmp_path / "imgs" / split / c / f"{i}.png")
+    write_image_folder(tmp_path / "imgs", {"train": 8, "test": 3}, side=16)
     p = _train(tmp_path, "data.name=imagefolder", f"data.root={tmp_path / 'imgs'}", "data.test_split=test",
                "train.epochs=1", "train.batch_size=4")
     assert p.returncode == 0, p.stderr[-3000:]
