@@ -14,6 +14,7 @@ because Ray workers do not share the driver's working directory).
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import socket
@@ -89,7 +90,15 @@ def _artifact_location(uri: str) -> str | None:
 def client_for(uri: str):
     from mlflow import MlflowClient
 
+    quiet_store_setup()
     return MlflowClient(tracking_uri=uri)
+
+
+def quiet_store_setup() -> None:
+    """MLflow announces creating and migrating a new SQLite store at INFO ("Creating initial MLflow database
+    tables...", "Updating database tables"): two timestamped lines in the middle of a user's first run that say
+    nothing they need. Its warnings and errors still show."""
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
 
 
 def start_run(uri: str, *, experiment: str, run_name: str, params: dict, tags: dict,
