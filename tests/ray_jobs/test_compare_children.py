@@ -53,11 +53,19 @@ def test_report_only_labels_older_runs_from_their_logged_config():
 
 
 def test_the_evaluation_batch_is_not_part_of_a_childs_settings():
-    """Runs logged with the old default train.eval_batch_size = 512 stay reusable under the automatic 0: results
-    do not depend on the evaluation batch. What training depends on still changes the hash."""
+    """Runs logged with the old default train.eval_batch_size = 512 stay reusable under the automatic 0 (their
+    settings hash is what it was), and any evaluation batch hashes alike: results do not depend on it. What
+    training depends on still changes the hash."""
+    import hashlib
+    import json
+
     auto = plan_children(CONFIG, [], [0.5], 1, ["superweights", "full"])
     old = plan_children(CONFIG, ["train.eval_batch_size=512"], [0.5], 1, ["superweights", "full"])
-    assert [c.config.train.eval_batch_size for c in auto + old] == [0, 0, 512, 512]
-    assert [c.settings for c in auto] == [c.settings for c in old]
+    other = plan_children(CONFIG, ["train.eval_batch_size=64"], [0.5], 1, ["superweights", "full"])
+    assert [c.config.train.eval_batch_size for c in auto + old + other] == [0, 0, 512, 512, 64, 64]
+    assert [c.settings for c in auto] == [c.settings for c in old] == [c.settings for c in other]
+    for c in old:  # the hash as it was computed before the automatic batch existed
+        before = {k: v for k, v in c.config.to_dict().items() if k != "serve"}
+        assert c.settings == hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()[:16]
     other_lr = plan_children(CONFIG, ["train.lr=0.01"], [0.5], 1, ["superweights", "full"])
     assert not {c.settings for c in auto} & {c.settings for c in other_lr}
