@@ -178,7 +178,10 @@ def train(config: Config, options: RayOptions | None = None, *, name: str | None
                 workers = min(2, int(ray.cluster_resources().get("CPU", 1)))
             _cluster_check(workers, options.use_gpu, options.cpus_per_worker)
         t = config.train
-        data = load_data(config.data, t.seed, t.batch_size, t.eval_batch_size, device)
+        # where the workers evaluate (a Ray worker with `ray.use_gpu` runs on its GPU whatever --device says):
+        # the automatic evaluation batch this prints is the one they use
+        eval_device = "cuda" if workers != 0 and options.use_gpu else device
+        data = load_data(config.data, t.seed, t.batch_size, t.eval_batch_size, eval_device)
         summary = plan_summary(config, data.info, before_training=True)
         flops = [m["flops"] for m in summary["members"]]
         layout = resolve_layout(workers, options.member_groups, options.data_replicas, flops, t.batch_size)
