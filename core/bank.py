@@ -17,7 +17,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-from .generation import SWProgram, matmul_layout, run_superweights, sw_items, sw_program
+from .generation import SWProgram, matmul_layout, run_superweights, sw_items, sw_program, sw_rows
 from .plan import Plan, SlotSpec
 from .windows import cyclic_windows
 
@@ -59,6 +59,7 @@ class SuperWeightBank(nn.Module):
         # subset program computes exactly the full one's values; one program per requested slot set.
         self._layout = matmul_layout(sw_items(plan))
         self._programs: dict[tuple[int, ...] | None, SWProgram | None] = {}
+        self._rows: int | None = None  # the programs' row unit, from the whole plan
 
     def _subset(self, slots: Iterable[int]) -> tuple[list[int], list[int]]:
         """(sorted distinct slot ids, sorted ids of the blocks they read) of a requested slot set."""
@@ -77,7 +78,9 @@ class SuperWeightBank(nn.Module):
         hit = self._programs.get(key, False)
         if hit is False:
             ids = list(range(len(self.plan.slots))) if key is None else self._subset(key)[0]
-            hit = self._programs[key] = sw_program(self.plan, self._layout, ids) if ids else None
+            if ids and self._rows is None:
+                self._rows = sw_rows(self.plan, self._layout)
+            hit = self._programs[key] = sw_program(self.plan, self._layout, ids, self._rows) if ids else None
         return None if hit is None else hit.to(self.bank.device)
 
     def templates(self, block_id: int) -> Tensor:

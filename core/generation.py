@@ -14,38 +14,43 @@ the same arithmetic in a handful of kernels:
    gather of the flat bank (index tensors carry the cyclic windows, wrap included); coefficients one
    gather of the flat coefficient vector (rows padded to the class's R read any coefficient: their output
    is never read, so their gradient is exactly zero).
-2. **Assembly** (SuperWeights). A slot weight is a row-major concatenation of grid cells, so in the matmul
-   output it is a sequence of runs (the cells' rows). One gather by runs (`core.run_gather`: rows of an
-   overlapping strided view, the few entries where a cell row is shorter than a run, as in the 1-channel
-   stem, fixed one by one) copies every slot into one flat weight buffer; one multiply applies each slot's
-   fixed gain (rows of gcd(slot sizes) entries, a slot id per row). Slot weights are views of that buffer.
-   Duplicates (corresponding slots of one shape read the same cells with the same coefficient set) are
-   generated once and viewed twice. SSN wavg slots are blocks with R = 1 whose chunks are consecutive: the
-   matmul output (times the gains) *is* their weight buffer; repeat and mask slots are one gather of the bank.
+2. **Assembly** (SuperWeights). A slot weight is a row-major concatenation of grid cells; each slot starts at a
+   multiple of a row unit u (16-128 entries, chosen once per plan), and cut into rows of u entries almost every
+   row is a whole row of the matmul output's [-1, u] view. One `embedding_bag` (bags of one row, each slot's
+   fixed gain as the per-sample weight) copies every such row into one flat weight buffer and applies the gains
+   in the same pass; the few other entries (a 1-channel stem's 9-entry cell rows) are gathered one by one. Slot
+   weights are views of that buffer. Duplicates (corresponding slots of one shape read the same cells with the
+   same coefficient set) are generated once and viewed twice. SSN wavg slots are blocks with R = 1 whose chunks
+   are consecutive: the matmul output (times the gains) *is* their weight buffer; repeat and mask slots are one
+   gather of the bank.
 3. **Backward** in the same few kernels: one `_foreach_add` of each duplicate's gradient to its original's (one
-   multi-tensor kernel on a GPU), one concatenation of the originals' gradients, one
-   multiply by the gains, the adjoint of the assembly gather into the matmul-output gradient, two bmm per
-   class, the adjoint of the template gather into the bank gradient, and one `scatter_add_` into the
-   coefficient gradient. Both adjoints are `core.gather_adjoint.GatherAdjoint`: each gradient entry's first
-   reader is one gather by runs written straight into the gradient (no zero fill), readers past the first
-   a few more layers added row-wise; parallel, where an entry-wise scatter_add_ runs on one CPU thread.
+   multi-tensor kernel on a GPU), one concatenation of the originals' gradients, one `embedding_bag` whose bag
+   per matmul-output row is the weight rows that read it (gains as weights: the adjoint of the assembly and the
+   gain multiply in one pass) plus one `scatter_add_` for the entries done one by one, two bmm per class, the
+   adjoint of the template gather into the bank gradient (`core.gather_adjoint.GatherAdjoint`: each gradient
+   entry's first reader is one gather by runs written straight into the gradient, no zero fill; readers past the
+   first a few more layers added row-wise; parallel, where an entry-wise scatter_add_ runs on one CPU thread),
+   and one `scatter_add_` into the coefficient gradient.
 
 Memory (issue 16 item 4). The matmul output is a temporary: the assembly's backward needs only indices,
 so it is freed as soon as the slot weights are gathered; generated weights exist once, as the flat buffer
 the slot weights view. The gathered templates are kept for backward (the coefficient gradient needs them;
 gathering again cost ~1 ms and kept the peak where it was, since the peak comes in backward where the slot
 gradients live). The price is persistent index tensors (int32, built once per plan): one entry per run of
-template entries, gradient entries and assembled entries, plus the few entries fixed one by one.
+template entries and of gradient entries, two per weight row (its matmul-output row; its place in a bag of the
+adjoint), and the few entries done one by one.
 
 Bit-exactness. The layout (chunk size, classes, which block in which class) comes from the whole plan,
 and a program for a subset of slots (a member-parallel worker's) only drops chunks, so each kept chunk is
-the same bmm matrix at the same alignment: subset weights and gradients are bit for bit the full ones.
+the same bmm matrix at the same alignment; the row unit comes from the whole plan too and every slot starts at a
+multiple of it, so a slot's rows are assembled the same way in every program: subset weights and gradients are
+bit for bit the full ones.
 Metadata-only operations (one `as_strided` view per slot weight, one flattening view per slot gradient)
 are the only per-slot aten calls left: they launch no kernel.
 
 Where the code is (this module is the way in and re-exports their public names): `core.chunked_matmul`
-(step 1, and the bmm half of step 3), `core.gather_adjoint` (both adjoints, in layers), `core.run_gather`
-(gathers by runs: the templates, the assembly, the adjoints' layers), `core.flat_views` (slot weights as views of one flat
+(step 1, and the bmm half of step 3), `core.gather_adjoint` (the bank gradient, in layers), `core.run_gather`
+(gathers by runs: the templates, the adjoint's layers), `core.flat_views` (slot weights as views of one flat
 buffer, their gradients concatenated), `core.superweight_program` (step 2 and its backward for SuperWeights) and
 `core.ssn_program` (the SSN program).
 """
@@ -67,7 +72,7 @@ from .chunked_matmul import (
 from .flat_views import Views
 from .run_gather import INDEX
 from .ssn_program import SSNProgram, run_ssn, ssn_items, ssn_program, ssn_wavg_starts
-from .superweight_program import SWProgram, run_superweights, sw_items, sw_program
+from .superweight_program import SWProgram, run_superweights, sw_items, sw_program, sw_rows
 
 __all__ = [
     "CHUNKS",
@@ -91,4 +96,5 @@ __all__ = [
     "ssn_wavg_starts",
     "sw_items",
     "sw_program",
+    "sw_rows",
 ]

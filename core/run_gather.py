@@ -20,7 +20,7 @@ from torch import Tensor
 
 INDEX = torch.int32  # gathered with only: half the memory of int64
 FIELDS = ("starts", "fix_at", "fix_from", "entrywise")
-RUNS = (128, 64, 32, 16)  # candidate run lengths where the caller may choose, longest first
+RUNS = (128, 64, 32, 16)  # candidate run (row) lengths where the caller may choose, longest first
 MAX_FIXES = 0.02  # the longest run whose fixed entries stay under this fraction of the gathered entries
 
 
@@ -75,15 +75,3 @@ def gather_runs(g: RunGather, src: Tensor, out: Tensor | None = None) -> Tensor:
     if g.fix_at.numel():
         res.index_copy_(0, g.fix_at, src.index_select(0, g.fix_from))
     return res
-
-
-def longest_runs(index: Tensor, src_numel: int) -> RunGather:
-    """The gather of `index` by the longest run length in `RUNS` whose fixes stay under `MAX_FIXES`; `index`
-    is padded (with reads of entry 0) to whole runs, so the output has `numel` >= index.numel() entries."""
-    best = None
-    for length in RUNS:
-        pad = -index.numel() % length
-        best = run_gather(torch.cat((index, index.new_zeros(pad))), length, src_numel)
-        if best.fix_at.numel() + best.entrywise.numel() <= MAX_FIXES * max(index.numel(), 1):
-            break
-    return best

@@ -1,48 +1,71 @@
 """The SuperWeight program: chunked matmuls, then slot weights assembled from the grid cells they contain.
 
 Step 2 of the batched generation (`core.generation` has the design): per requested slot set, index
-tensors (built once) that gather each slot's cells, as runs of `u` entries, out of the matmul output into
-one flat weight buffer and apply each slot's fixed gain; their backward scatters the gradients back.
+tensors (built once) that gather each slot's cells, in rows of `unit` entries, out of the matmul output into
+one flat weight buffer, each row times its slot's fixed gain; their backward sends the gradients back.
 `run_superweights` is what `core.bank.SuperWeightBank` calls once per step.
+
+A slot weight is a row-major concatenation of grid cells, so cut into rows of `unit` entries (each slot starts at
+a multiple of `unit`), almost every row is `unit` consecutive entries of one chunk row of the matmul output:
+a whole row of its [-1, unit] view. The assembly is then one `embedding_bag` (mode "sum", bags of one, the gains
+as per-sample weights): a gather of rows and the gain multiply in one pass (an `index_select` and a `mul_`
+before: ~1.0 against ~0.7 ms on digits). The few entries in other rows (a 1-channel stem's cell rows are 9
+entries; a slot's last, partial row) are gathered one by one. Backward, each matmul-output row's gradient is
+the gain-weighted sum of the gradient rows of the weight rows that read it: one more `embedding_bag`, whose bags
+are each output row's readers in weight order (and one `scatter_add_` for the entries done one by one). That
+replaced a gain multiply, a gather by runs and its layered adds (`core.gather_adjoint`: ~1.2 against ~0.6 ms).
+
+Whether a row is a whole output row depends on the slot alone (slots start at multiples of `unit`, and the unit
+is chosen once per plan, `sw_rows`), never on which other slots a program holds: a member-parallel worker's
+subset program computes its slots' entries with exactly the full program's operations (bit for bit, tested).
 """
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .chunked_matmul import Item, MatmulLayout, Matmuls, _Matmul, build_matmuls
 from .flat_views import Views, _flat_grads
-from .gather_adjoint import GatherAdjoint, adjoint_of, gather_adjoint
-from .run_gather import INDEX, RunGather, gather_runs, longest_runs
+from .run_gather import INDEX, MAX_FIXES, RUNS
+
+INDEX_FIELDS = ("rows", "fix_at", "fix_from", "adj_rows", "adj_offsets", "slot_ids", "slot_rows")
 
 
 @dataclass
 class SWProgram:
     matmuls: Matmuls
-    assembly: RunGather  # the forward buffer (the slots, duplicates not repeated; padded to whole runs) <- out
-    adjoint: GatherAdjoint  # backward: the matmul-output gradient <- the gradient buffer (duplicates included)
-    gain_unit: int  # every slot's entries are whole rows of this many entries (the gcd of the slot sizes) ...
-    row_slot: Tensor  # ... so a slot id per row of the buffer applies the gains in one multiply (both ways)
+    unit: int  # entries per row of the weight buffer and of the matmul output's [-1, unit] view
+    numel: int  # entries of the weight buffer: every original slot, each from a multiple of `unit`
+    rows: Tensor  # [rows, 1]: the matmul-output row each weight row is (0 for rows done entry by entry)
+    fix_at: Tensor  # int64: the weight entries done one by one ...
+    fix_from: Tensor  # int64: ... and the matmul-output entries they are
+    adj_rows: Tensor  # backward: the weight rows reading each matmul-output row, in order ...
+    adj_offsets: Tensor  # ... each output row's first (its bag)
+    slot_ids: Tensor  # the originals ...
+    slot_rows: Tensor  # ... and their rows in the buffer, in order: each row's gain
     views: Views  # where each original's gradient goes in backward's flat buffer: where its weight is
-    numel: int  # entries of the forward buffer (the assembled slots; duplicates view them)
     blocks: list[int]  # block ids the program computes
-    weight_views: Views  # where each slot's weight is in the forward buffer (a duplicate: its original's)
+    weight_views: Views  # where each slot's weight is in the buffer (a duplicate: its original's)
     dup_rounds: list[list[tuple[int, int]]]  # (duplicate, original) positions in weight_views, k-th copies in round k
     _on: dict = field(default_factory=dict, repr=False)
-    _gain_memo: tuple | None = field(default=None, repr=False)  # (gains, its version, the row-gain tensor)
+    _gain_memo: tuple | None = field(default=None, repr=False)  # (gains, its version, the expanded gains)
 
-    def gain_rows(self, gains: Tensor) -> Tensor:
-        """Each row's gain, [rows, 1]. Memoised on the gains tensor and its version: gains change only when
-        reset or loaded (in place, which bumps the version), and expanding them per row was a serial
-        index_select, ~0.3 ms of each digits step."""
+    def gains_of(self, gains: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(per weight row [rows, 1], per adjoint bag entry, per entry done one by one). Memoised on the gains
+        tensor and its version: gains change only when reset or loaded (in place, which bumps the version), and
+        expanding them is serial index_selects, ~0.3 ms of each digits step."""
         memo = self._gain_memo
         if memo is None or memo[0] is not gains or memo[1] != gains._version:
-            memo = self._gain_memo = (gains, gains._version, gains.index_select(0, self.row_slot).unsqueeze(1))
+            per_row = torch.repeat_interleave(gains.index_select(0, self.slot_ids), self.slot_rows)
+            per_row = torch.cat((per_row, per_row.new_ones(self.rows.shape[0] - per_row.numel())))  # (empty program)
+            per = (per_row.unsqueeze(1), per_row.index_select(0, self.adj_rows),
+                   per_row.index_select(0, self.fix_at // self.unit))
+            memo = self._gain_memo = (gains, gains._version, per)
         return memo[2]
 
     @property
@@ -50,16 +73,15 @@ class SWProgram:
         return self.matmuls.flops
 
     def index_tensors(self) -> tuple[Tensor, ...]:
-        return (*self.matmuls.index_tensors(), *self.assembly.tensors(), *self.adjoint.tensors(), self.row_slot)
+        return (*self.matmuls.index_tensors(), *(getattr(self, f) for f in INDEX_FIELDS))
 
     def to(self, device: torch.device) -> SWProgram:
         if self.matmuls.device == device:
             return self
         hit = self._on.get(device)
         if hit is None:
-            hit = self._on[device] = replace(
-                self, matmuls=self.matmuls.to(device), assembly=self.assembly.to(device),
-                adjoint=self.adjoint.to(device), row_slot=self.row_slot.to(device), _on={}, _gain_memo=None)
+            hit = self._on[device] = replace(self, matmuls=self.matmuls.to(device), _on={}, _gain_memo=None,
+                                             **{f: getattr(self, f).to(device) for f in INDEX_FIELDS})
         return hit
 
 
@@ -88,51 +110,87 @@ def _slot_index(plan, mm: Matmuls, i: int, cells) -> Tensor:
     return grid.flatten()
 
 
-def _row_slots(slots: list[int], numels: list[int], unit: int) -> Tensor:
-    return torch.repeat_interleave(torch.tensor(slots, dtype=torch.long), torch.tensor(numels) // unit).to(INDEX)
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
 
 
-def sw_program(plan, layout: MatmulLayout, slot_ids: list[int]) -> SWProgram:
-    """The program generating `slot_ids` (sorted, distinct) from only the blocks they read.
+def _offsets(sizes: Tensor) -> Tensor:
+    return (torch.cumsum(sizes, 0) - sizes).to(INDEX)
 
-    Assembly: a slot weight is a row-major concatenation of grid cells, so in the matmul output it is a
-    sequence of runs (a cell's rows); one gather by runs (`core.run_gather`, a few entries fixed where a cell
-    row is shorter than a run, as in the 1-channel stem) copies every slot into one flat buffer, and one
-    multiply applies the gains. Backward is the adjoint of that gather (`core.gather_adjoint`): a gather by
-    runs into the matmul-output gradient (no zero fill) plus a few layers for entries several slots read.
+
+def _layout(plan, mm: Matmuls, originals: list[int], index: dict[int, Tensor], unit: int):
+    """For one unit: (each original's offset in the buffer, the buffer's entries as matmul-output positions (-1:
+    none), which rows are whole rows of the matmul output's [-1, unit] view)."""
+    at, start = {}, 0
+    for i in originals:
+        at[i] = start
+        start = _round_up(start + plan.slots[i].numel, unit)
+    pos = torch.full((max(start, unit),), -1, dtype=torch.long)
+    for i in originals:
+        pos[at[i] : at[i] + index[i].numel()] = index[i]
+    rows = pos.view(-1, unit)
+    first = rows[:, 0]
+    whole = (rows == first.unsqueeze(1) + torch.arange(unit)).all(1) & (first % unit == 0)  # (C % unit == 0)
+    return at, pos, whole
+
+
+def _originals(plan, mm: Matmuls, slot_ids: list[int], cells) -> tuple[dict[tuple, list[int]], dict[int, Tensor]]:
+    """(slots generating the same numbers, the first the original; each original's matmul-output positions)."""
+    copies: dict[tuple, list[int]] = defaultdict(list)
+    for i in slot_ids:
+        copies[(plan.slots[i].shape, plan.slot_coef[i], plan.slot_group[i], tuple(map(tuple, cells[i])))].append(i)
+    return copies, {same[0]: _slot_index(plan, mm, same[0], cells[same[0]]) for same in copies.values()}
+
+
+def sw_rows(plan, layout: MatmulLayout) -> int:
+    """The row unit of a plan's programs: the longest in `RUNS` (dividing the chunk) for which under `MAX_FIXES` of
+    the generated entries fall in rows that are not whole matmul-output rows (they are gathered one by one)."""
+    ids = list(range(len(plan.slots)))
+    mm = build_matmuls(layout, lambda _: True)
+    _, index = _originals(plan, mm, ids, {i: plan.slot_cells(i) for i in ids})
+    total = max(sum(t.numel() for t in index.values()), 1)
+    for unit in [u for u in RUNS if mm.chunk % u == 0]:
+        _, pos, whole = _layout(plan, mm, list(index), index, unit)
+        if int((pos.view(-1, unit)[~whole] >= 0).sum()) <= MAX_FIXES * total:
+            break
+    return unit
+
+
+def sw_program(plan, layout: MatmulLayout, slot_ids: list[int], unit: int) -> SWProgram:
+    """The program generating `slot_ids` (sorted, distinct) from only the blocks they read, in rows of `unit`
+    entries (`sw_rows`, of the whole plan).
 
     Duplicates are generated once: corresponding slots of the same shape (a wrn-16-4 and a wrn-10-4 slot in
     one depth bin) read the same cells with the same coefficient set, so until unsharing their weights are
     the same numbers (the gain too: it is measured on those numbers for the same target std). On the digits
     plan that is 21 of 56 slots, 23% of the generated entries. A duplicate's weight is a view of its
     original's; in backward its gradient is added to its original's (one `_foreach_add` per round of copies:
-    one multi-tensor kernel on a GPU) before anything else, so the gradient buffer, the gain multiply and the
-    adjoint see originals only: on digits that is 23% fewer entries through the three of them."""
+    one multi-tensor kernel on a GPU) before anything else, so the gradient buffer and the adjoint see
+    originals only: on digits that is 23% fewer entries through both."""
     cells = {i: plan.slot_cells(i) for i in slot_ids}
     blocks = sorted({bid for i in slot_ids for row in cells[i] for bid in row})
     mm = build_matmuls(layout, set(blocks).__contains__)
-    copies: dict[tuple, list[int]] = defaultdict(list)  # same generated numbers -> slots, first is the original
-    for i in slot_ids:
-        copies[(plan.slots[i].shape, plan.slot_coef[i], plan.slot_group[i], tuple(map(tuple, cells[i])))].append(i)
-    originals = [same[0] for same in copies.values()]
-    weight_at, start = {}, 0
-    for same in copies.values():
-        for i in same:
-            weight_at[i] = start  # a duplicate views its original's weight
-        start += plan.slots[same[0]].numel
+    copies, index = _originals(plan, mm, slot_ids, cells)
+    originals = list(index)
+    at, pos, whole = _layout(plan, mm, originals, index, unit)
+    first = pos.view(-1, unit)[:, 0]
+    clean = whole.nonzero().flatten()
+    out_row = first[clean] // unit
+    rows = torch.zeros(first.numel(), dtype=torch.long)
+    rows[clean] = out_row
+    fix_at = ((pos.view(-1, unit) >= 0) & ~whole.unsqueeze(1)).flatten().nonzero().flatten()
+    readers = torch.bincount(out_row, minlength=mm.out_numel // unit)
+    weight_at = {i: at[same[0]] for same in copies.values() for i in same}  # a duplicate views its original's weight
     order = [*originals, *(dup for same in copies.values() for dup in same[1:])]  # duplicates after the originals
     position = {i: p for p, i in enumerate(order)}
     dup_rounds = [[(position[same[k]], position[same[0]]) for same in copies.values() if len(same) > k]
                   for k in range(1, max(map(len, copies.values()), default=1))]
-    index = torch.cat([_slot_index(plan, mm, i, cells[i]) for i in originals])
-    unit = math.gcd(*(plan.slots[i].numel for i in slot_ids))
-    row_slot = _row_slots(originals, [plan.slots[i].numel for i in originals], unit)
-    return SWProgram(mm, longest_runs(index, mm.out_numel),
-                     gather_adjoint(index, torch.ones(index.numel(), dtype=torch.bool), mm.out_numel), unit,
-                     row_slot, Views(originals, [plan.slots[i].shape for i in originals],
-                                     [weight_at[i] for i in originals]),
-                     start, blocks, Views(order, [plan.slots[i].shape for i in order], [weight_at[i] for i in order]),
-                     dup_rounds)
+    return SWProgram(
+        mm, unit, pos.numel(), rows.to(INDEX).unsqueeze(1), fix_at, pos[fix_at],
+        clean[torch.argsort(out_row, stable=True)].to(INDEX), _offsets(readers), torch.tensor(originals, dtype=INDEX),
+        torch.tensor([-(-plan.slots[i].numel // unit) for i in originals], dtype=torch.long),
+        Views(originals, [plan.slots[i].shape for i in originals], [at[i] for i in originals]), blocks,
+        Views(order, [plan.slots[i].shape for i in order], [weight_at[i] for i in order]), dup_rounds)
 
 
 def _add_duplicates(grads: list[Tensor], rounds: list[list[tuple[int, int]]]) -> list[Tensor]:
@@ -145,14 +203,21 @@ def _add_duplicates(grads: list[Tensor], rounds: list[list[tuple[int, int]]]) ->
     return grads
 
 
+def _bag_sum(rows: Tensor, src: Tensor, weights: Tensor | None, offsets: Tensor | None = None) -> Tensor:
+    """Row i: the sum over bag i (row i of `rows` [n, 1], or `offsets`' segment of the 1-D `rows`) of weight * src row."""
+    return F.embedding_bag(rows, src, offsets, mode="sum", per_sample_weights=weights)
+
+
 class _Assemble(torch.autograd.Function):
     """Slot weights (views of one flat buffer) gathered from the matmul output, times each slot's gain."""
 
     @staticmethod
     def forward(ctx, out: Tensor, gains: Tensor, program: SWProgram, use_gains: bool):
-        weight = gather_runs(program.assembly, out)
-        if use_gains:
-            weight[: program.numel].view(-1, program.gain_unit).mul_(program.gain_rows(gains))
+        per = program.gains_of(gains) if use_gains else (None, None, None)
+        weight = _bag_sum(program.rows, out.view(-1, program.unit), per[0]).view(-1)
+        if program.fix_at.numel():
+            fixed = out.index_select(0, program.fix_from)
+            weight.index_copy_(0, program.fix_at, fixed if per[2] is None else fixed * per[2])
         ctx.program, ctx.use_gains, ctx.out_numel = program, use_gains, out.numel()
         if use_gains:
             ctx.save_for_backward(gains)
@@ -162,12 +227,13 @@ class _Assemble(torch.autograd.Function):
     def backward(ctx, *grads):
         program = ctx.program
         grads = _add_duplicates(list(grads), program.dup_rounds)[: len(program.views.slots)]
-        ref = grads[0]
-        # + the zero entry the adjoint reads for matmul-output entries no slot reads (chunk padding)
-        flat = _flat_grads(grads, program.views, program.numel + 1, ref)
-        if ctx.use_gains:  # `flat` is our own buffer
-            flat[: program.numel].view(-1, program.gain_unit).mul_(program.gain_rows(ctx.saved_tensors[0]))
-        return adjoint_of(program.adjoint, flat, ctx.out_numel, ctx.out_numel), None, None, None
+        flat = _flat_grads(grads, program.views, program.numel, grads[0])
+        per = program.gains_of(ctx.saved_tensors[0]) if ctx.use_gains else (None, None, None)
+        g_out = _bag_sum(program.adj_rows, flat.view(-1, program.unit), per[1], program.adj_offsets).view(-1)
+        if program.fix_at.numel():
+            g_fix = flat.index_select(0, program.fix_at)
+            g_out.scatter_add_(0, program.fix_from, g_fix if per[2] is None else g_fix * per[2])
+        return g_out, None, None, None
 
 
 def run_superweights(program: SWProgram, bank: Tensor, coefficients: Tensor, gains: Tensor | None,
