@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .chunked_matmul import Item, MatmulLayout, Matmuls, _Matmul, build_matmuls
+from .chunked_matmul import Item, MatmulLayout, Matmuls, _Matmul, _round_up, build_matmuls
 from .flat_views import Views, _flat_grads
 from .run_gather import INDEX, MAX_FIXES, RUNS
 
@@ -108,10 +108,6 @@ def _slot_index(plan, mm: Matmuls, i: int, cells) -> Tensor:
             pos = mm.positions(bid, blk.coef_sets.index(plan.slot_coef[i]), torch.arange(blk.size))
             grid[o0 : o0 + blk.shape[0], c0 : c0 + width] = pos.view(blk.shape[0], width)
     return grid.flatten()
-
-
-def _round_up(x: int, m: int) -> int:
-    return -(-x // m) * m
 
 
 def _offsets(sizes: Tensor) -> Tensor:
