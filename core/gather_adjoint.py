@@ -1,8 +1,8 @@
 """The adjoint of a gather (`out[i] = src[index[i]]`), as gathers of runs in a few layers.
 
-Generation gathers twice, and backward needs both adjoints: the templates read the bank
-(`core.chunked_matmul`: the bank gradient from the template gradients) and the slot weights read the matmul
-output (`core.superweight_program`: the matmul-output gradient from the slot gradients).
+The templates read the bank (`core.chunked_matmul`), so backward needs this gather's adjoint: the bank gradient
+from the template gradients. (The SuperWeight slot assembly's adjoint is an `embedding_bag` instead,
+`core.superweight_program`: its gathers are whole aligned rows, which the bank's windows are not.)
 Every entry of the gradient is a sum over the gathered entries that read it. One entry-wise `scatter_add_` of
 every gathered entry does it, but on CPU that op runs on one thread; here the same sums, in the same order, are
 parallel row gathers (`core.run_gather`). `gather_adjoint` builds the index tensors once per program;
