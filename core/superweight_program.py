@@ -88,14 +88,38 @@ class SWProgram:
         return hit
 
 
+def halves(block) -> bool:
+    """Whether a block's product is done on the two halves of theta_b (`sw_items`): two templates over exactly
+    one template's worth of parameters (P_b == size_b, even), the usual block at default budgets (27 of 43 on
+    the digits plan)."""
+    return block.templates == 2 and block.params == block.size and block.size % 2 == 0
+
+
 def sw_items(plan) -> list[Item]:
+    """One matmul per block. A `halves` block's two templates are theta_b and theta_b rotated by h = P_b / 2, so
+    with theta_b = [H0, H1] its set r is [a0 H0 + a1 H1, a0 H1 + a1 H0]: the matmul [a0 a1; a1 a0] @ [H0; H1]
+    (rows r and R + r, each of h entries). Its operand is theta_b itself (P_b template entries, not 2 P_b: 20% of
+    the digits plan's gathered templates), each bank entry read once, so the gradient's gather has no second
+    layer; the same products (two-term sums commute exactly), so the same weights."""
     items = []
     for b in plan.blocks:
         rows = tuple(tuple(b.coef_offset + r * b.templates + k for k in range(b.templates))
                      for r in range(len(b.coef_sets)))
-        items.append(Item(b.id, b.templates, len(b.coef_sets), b.size, b.offset, b.params,
-                          tuple(b.window_starts()), rows))
+        if halves(b):
+            h = b.size // 2
+            items.append(Item(b.id, 2, 2 * len(rows), h, b.offset, b.params, (0, h), rows + tuple(r[::-1] for r in rows)))
+        else:
+            items.append(Item(b.id, b.templates, len(b.coef_sets), b.size, b.offset, b.params,
+                              tuple(b.window_starts()), rows))
     return items
+
+
+def block_positions(mm: Matmuls, block, row: int) -> Tensor:
+    """Where the entries of coefficient set `row` of a block's product are in the matmul output (`sw_items`)."""
+    if not halves(block):
+        return mm.positions(block.id, row, torch.arange(block.size))
+    e = torch.arange(block.size // 2)
+    return torch.cat((mm.positions(block.id, row, e), mm.positions(block.id, len(block.coef_sets) + row, e)))
 
 
 def _slot_index(plan, mm: Matmuls, i: int, cells) -> Tensor:
@@ -108,7 +132,7 @@ def _slot_index(plan, mm: Matmuls, i: int, cells) -> Tensor:
             blk = plan.blocks[bid]
             width = blk.size // blk.shape[0]  # entries per row of the cell
             o0, c0 = blk.out_range[0], blk.in_range[0] * kk
-            pos = mm.positions(bid, blk.coef_sets.index(plan.slot_coef[i]), torch.arange(blk.size))
+            pos = block_positions(mm, blk, blk.coef_sets.index(plan.slot_coef[i]))
             grid[o0 : o0 + blk.shape[0], c0 : c0 + width] = pos.view(blk.shape[0], width)
     return grid.flatten()
 

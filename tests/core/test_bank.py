@@ -150,11 +150,12 @@ def test_subset_generation_is_the_full_generation_on_the_requested_slots(slots, 
 def test_subset_generation_computes_only_the_blocks_its_slots_read(slots):
     """Counted FLOPs: block b costs its matmul alpha_b [R, K_b] @ templates [K_b, size_b], cut into column chunks of
     the plan's chunk size and batched with the other blocks of its (K, R) class (`core.generation`; columns padded
-    to whole chunks, rows only above 4 coefficient sets). The thin member's generation computes exactly the blocks
+    to whole chunks, rows only above 8 coefficient sets; a `halves` block is [2R, 2] @ [2, size_b / 2]). The thin member's generation computes exactly the blocks
     it reads, none of those only the wide member reads (its extra rows/columns), in forward and backward."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from core.generation import row_class
+    from core.superweight_program import halves
 
     bank = make_bank(slots, 0.3)
     plan = bank.plan
@@ -164,8 +165,12 @@ def test_subset_generation_computes_only_the_blocks_its_slots_read(slots):
     assert len(wide_only) >= 6 and read  # the comparison below means something
     chunk = bank._layout.chunk
 
+    def block_flops(b):
+        rows, cols = (2 * len(b.coef_sets), b.size // 2) if halves(b) else (len(b.coef_sets), b.size)
+        return 2 * row_class(rows) * b.templates * -(-cols // chunk) * chunk
+
     def matmul_flops(blocks):
-        return sum(2 * row_class(len(b.coef_sets)) * b.templates * -(-b.size // chunk) * chunk for b in blocks)
+        return sum(map(block_flops, blocks))
 
     def counted(ids):
         with FlopCounterMode(display=False) as fc:

@@ -284,3 +284,27 @@ def test_slots_are_assembled_in_whole_rows_of_the_plans_unit():
     fixed_slots = {full.views.slots[j] for j, o in enumerate(full.views.offsets)
                    if ((full.fix_at >= o) & (full.fix_at < o + math.prod(full.views.shapes[j]))).any()}
     assert stems & set(full.views.slots) and stems & set(full.views.slots) <= fixed_slots
+
+
+def test_halves_blocks_are_one_matmul_on_the_two_halves_of_their_parameters():
+    """A block with two templates over one template's worth of parameters (P_b == size_b: 23 of the 43 blocks of
+    the digits members' plan at 0.5) is [a0 a1; a1 a0] @ [H0; H1] (`core.superweight_program.sw_items`): its
+    gathered operand holds each of its P_b bank entries once, not twice, and the weights and gradients are the
+    reference's."""
+    from core.superweight_program import halves
+
+    plan = build_plan(traced(DIGITS, 1, 8), 0.5)
+    bank = SuperWeightBank(plan, torch.Generator().manual_seed(0))
+    mm = bank._program(None).matmuls
+    c = mm.chunk
+    split = [b for b in plan.blocks if halves(b)]
+    assert len(split) == 23 and len(plan.blocks) == 43
+    assert mm.t_numel == (sum(2 * -(-(b.size // 2) // c) * c for b in split)
+                          + sum(b.templates * -(-b.size // c) * c for b in plan.blocks if not halves(b)))
+    assert mm.t_numel < 0.85 * sum(b.templates * -(-b.size // c) * c for b in plan.blocks)
+    ref = ReferenceGenerator(bank)
+    new, old = bank(), ref()
+    for i in sorted({i for b in split for i in range(len(plan.slots)) if b.id in bank._slot_blocks[i]}):
+        torch.testing.assert_close(new[i], old[i], rtol=0, atol=1e-6, msg=f"slot {i}")
+    for x, y in zip(loss_grads(bank, new), loss_grads(bank, old)):
+        torch.testing.assert_close(x, y, rtol=0, atol=1e-5 * max(1.0, y.abs().max().item()))
