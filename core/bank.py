@@ -17,6 +17,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
+from .bank_storage import Storage, logical_code, storage_code, storage_of
 from .generation import SWProgram, matmul_layout, run_superweights, sw_items, sw_program, sw_rows
 from .plan import Plan, SlotSpec
 from .windows import cyclic_windows
@@ -31,6 +32,8 @@ class SuperWeightBank(nn.Module):
         # Fixed (not trained) per-slot gains: composed weight gets exactly its slot's init std (SlotSpec.init_std).
         self.register_buffer("gains", torch.ones(len(plan.slots)))
         self._build_index()
+        # The order the bank is stored in (`core.bank_storage`): chosen here, then kept with the weights.
+        self.register_buffer("storage", storage_code(self._layout, len(plan.blocks)))
         self.reset_parameters(generator)
 
     def rebind(self, plan: Plan, coefficients: Tensor) -> None:
@@ -57,9 +60,37 @@ class SuperWeightBank(nn.Module):
         self._subsets: dict[tuple[int, ...], tuple[list[int], list[int]]] = {}
         # Generation programs (index tensors, `core.generation`): the layout comes from the whole plan so a
         # subset program computes exactly the full one's values; one program per requested slot set.
-        self._layout = matmul_layout(sw_items(plan))
+        self._items = sw_items(plan)
+        self._layout = matmul_layout(self._items, split_direct=True)
         self._programs: dict[tuple[int, ...] | None, SWProgram | None] = {}
         self._rows: int | None = None  # the programs' row unit, from the whole plan
+        self._store: Storage | None = None  # decoded `storage` (after loading weights: theirs)
+
+    def _storage(self) -> Storage:
+        if self._store is None:
+            self._store = storage_of(self.storage, self._items, self._layout.chunk, self.plan.budget)
+        return self._store
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # weights saved before the storage order existed are in logical order
+        state_dict.setdefault(prefix + "storage", logical_code(len(self.plan.blocks)))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        self._store, self._programs = None, {}
+        try:
+            self._storage()
+        except ValueError as e:
+            error_msgs.append(str(e))
+
+    def logical(self) -> Tensor:
+        """The bank in logical order (`core.bank_storage`): theta of every block at its plan offset. A copy
+        (differentiable): for the reference generation and tests, not for training steps."""
+        return self._storage().logical(self.bank, [b.id for b in self.plan.blocks]) if self.plan.blocks else self.bank
+
+    def theta(self, block_id: int) -> Tensor:
+        """theta_b of a block, in logical order (differentiable; a copy where it is stored as an operand)."""
+        return self._storage().theta(self.bank, block_id)
 
     def _subset(self, slots: Iterable[int]) -> tuple[list[int], list[int]]:
         """(sorted distinct slot ids, sorted ids of the blocks they read) of a requested slot set."""
@@ -80,13 +111,14 @@ class SuperWeightBank(nn.Module):
             ids = list(range(len(self.plan.slots))) if key is None else self._subset(key)[0]
             if ids and self._rows is None:
                 self._rows = sw_rows(self.plan, self._layout)
-            hit = self._programs[key] = sw_program(self.plan, self._layout, ids, self._rows) if ids else None
+            hit = self._programs[key] = (sw_program(self.plan, self._layout, ids, self._rows, self._storage())
+                                         if ids else None)
         return None if hit is None else hit.to(self.bank.device)
 
     def templates(self, block_id: int) -> Tensor:
         """[K_b, size_b]: template k = cyclic window of theta_b starting at k * P_b / K_b."""
         b = self.plan.blocks[block_id]
-        return cyclic_windows(self.bank[b.offset : b.offset + b.params], b.window_starts(), b.size)
+        return cyclic_windows(self.theta(block_id), b.window_starts(), b.size)
 
     def block_coefficients(self, block_id: int) -> Tensor:
         b = self.plan.blocks[block_id]
@@ -123,8 +155,10 @@ class SuperWeightBank(nn.Module):
         for i, cells in enumerate(self._cells):
             for bid in {bid for row in cells for bid in row}:
                 users[bid].append(i)
-        self.bank.normal_(0.0, 1.0, generator=generator)
-        scale_segments(self.bank, self._param_sizes, template_scales(self.plan.slots, users))
+        theta = torch.empty(self.bank.numel()).normal_(0.0, 1.0, generator=generator)  # logical order
+        scale_segments(theta, self._param_sizes, template_scales(self.plan.slots, users))
+        for b, segment in zip(self.plan.blocks, torch.split(theta, self._param_sizes)):
+            self._storage().store(self.bank, b.id, segment)
         for b in self.plan.blocks:
             alpha = torch.empty(len(b.coef_sets), b.templates)
             nn.init.orthogonal_(alpha, generator=generator)

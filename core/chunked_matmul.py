@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from .gather_adjoint import GatherAdjoint, adjoint_of, gather_adjoint
+from .gather_adjoint import GatherAdjoint, adjoint_numel, adjoint_of, gather_adjoint
 from .run_gather import RunGather, gather_runs, run_gather
 
 CHUNKS = (512, 256, 128, 64, 32)  # candidate chunk sizes, largest first (entries; 32 floats = 128 bytes)
@@ -28,9 +28,9 @@ def _round_up(x: int, m: int) -> int:
 
 
 def row_class(rows: int) -> int:
-    """Rows (coefficient sets) a matrix is padded to: exact up to 8 (a `halves` block of 3 sets has 6, and
-    padding it to 8 cost more output than the halving saved), then the next power of two."""
-    return rows if rows <= 8 else 1 << (rows - 1).bit_length()
+    """Rows (coefficient sets) a matrix is padded to: exact up to 4, then 6 (a `halves` block of 3 sets has 6,
+    and padding it to 8 cost more output than the halving saved), then the next power of two."""
+    return rows if rows <= 4 else 6 if rows <= 6 else 1 << (rows - 1).bit_length()
 
 
 def chunk_size(sizes: list[int]) -> int:
@@ -61,22 +61,32 @@ class Item:
     coef: tuple[tuple[int, ...], ...]
 
 
+def direct(it: Item, chunk: int) -> bool:
+    """Whether an item's templates are its parameters cut into K consecutive slices of whole chunks (P = K size,
+    template k from k size: a SuperWeight block at most of its budgets, `core.superweight_program.halves` blocks
+    too). Its bmm operand [chunks, K, C] is then a permutation of its parameters, no entry twice: a bank stored in
+    that order (`core.bank_storage`) is the operand itself, and the bmm writes its gradient."""
+    return (it.params == it.k * it.size and it.size % chunk == 0
+            and it.starts == tuple(k * it.size for k in range(it.k)))
+
+
 @dataclass
 class MatmulLayout:
-    """Chunk size and (K, R) classes of every item, from the whole plan (subset programs keep them)."""
+    """Chunk size and (K, R, direct) classes of every item, from the whole plan (subset programs keep them)."""
 
     chunk: int
     classes: list[tuple[int, int]]  # (K, R) of each class, in order
     members: list[list[Item]]  # items of each class, in order
+    direct: list[bool]  # classes of `direct` items (only where the caller's bank can be stored for them)
 
 
-def matmul_layout(items: list[Item]) -> MatmulLayout:
+def matmul_layout(items: list[Item], split_direct: bool = False) -> MatmulLayout:
     chunk = chunk_size([it.size for it in items]) if items else CHUNKS[0]
-    by: dict[tuple[int, int], list[Item]] = defaultdict(list)
+    by: dict[tuple[int, int, bool], list[Item]] = defaultdict(list)
     for it in items:
-        by[(it.k, row_class(it.rows))].append(it)
+        by[(it.k, row_class(it.rows), split_direct and direct(it, chunk))].append(it)
     classes = sorted(by)
-    return MatmulLayout(chunk, classes, [by[c] for c in classes])
+    return MatmulLayout(chunk, [c[:2] for c in classes], [by[c] for c in classes], [c[2] for c in classes])
 
 
 @dataclass
@@ -85,7 +95,9 @@ class Matmuls:
 
     chunk: int
     shapes: list[tuple[int, int, int]]  # per class (chunks n, R, K)
-    templates: RunGather  # every template entry of every class (classes concatenated, [n, K, C] each) from the bank
+    views: list[int | None]  # per class: where its operand starts in the bank, if it is a view of it (else gathered)
+    view_end: int  # the views' operands are bank[:view_end]; every other template entry reads bank[view_end:]
+    templates: RunGather  # every template entry of the other classes (concatenated, [n, K, C] each) from the bank
     a_index: Tensor  # coefficient of every alpha entry, classes concatenated ([n, R, K] each)
     place: dict[int, tuple[int, int]]  # item key -> (first entry of its output in `out`, its R)
     out_numel: int
@@ -105,7 +117,8 @@ class Matmuls:
 
     @property
     def t_numel(self) -> int:
-        return sum(n * k * self.chunk for n, _, k in self.shapes)
+        """Template entries gathered (the views' are read in place)."""
+        return sum(n * k * self.chunk for (n, _, k), v in zip(self.shapes, self.views) if v is None)
 
     @property
     def flops(self) -> int:
@@ -118,24 +131,34 @@ class Matmuls:
         return first + (entries // self.chunk * rows + row) * self.chunk + entries % self.chunk
 
 
-def build_matmuls(layout: MatmulLayout, keep) -> Matmuls:
+def build_matmuls(layout: MatmulLayout, keep, storage=None) -> Matmuls:
+    """The program's matmuls: the classes' items `keep` (item key -> bool) keeps, gathered from a bank in
+    `storage`'s order (a `core.bank_storage.Storage`, which imports this module; None: the items' own offsets). A class of direct items that are, in order, the next
+    consecutive items of the storage (from its start on) is a view of the bank: in a full program, every direct
+    class; a subset program (a member-parallel worker's) keeps fewer items and gathers them (the same values at
+    the same alignment, so the same bmm results)."""
     c = layout.chunk
     col = torch.arange(c)
-    t_parts, real_parts, a_parts, shapes, place = [], [], [], [], {}
+    t_parts, real_parts, a_parts, shapes, views, place = [], [], [], [], [], {}
     bank_numel = max((it.offset + it.params for items in layout.members for it in items), default=0)
-    out = 0
-    for (k, r), items in zip(layout.classes, layout.members):
+    out = view_end = 0
+    for (k, r), items, is_direct in zip(layout.classes, layout.members, layout.direct):
         items = [it for it in items if keep(it.key)]
         if not items:
             continue
+        keys = [it.key for it in items]
+        view = (storage is not None and is_direct and storage.start.get(keys[0]) == view_end
+                and storage.keys[storage.rank[keys[0]] : storage.rank[keys[0]] + len(keys)] == tuple(keys))
         n = 0
         for it in items:
             nj = -(-it.size // c)
-            pos = (torch.arange(nj).unsqueeze(1) * c + col).view(nj, 1, c)  # [nj, 1, C] entry in the window
-            starts = torch.tensor(it.starts).view(1, k, 1)
-            idx = it.offset + (starts + pos) % it.params  # [nj, K, C]
-            t_parts.append(torch.where(pos < it.size, idx, it.offset).flatten())
-            real_parts.append((pos < it.size).expand(nj, k, c).flatten())
+            if not view:
+                pos = (torch.arange(nj).unsqueeze(1) * c + col).view(nj, 1, c)  # [nj, 1, C] entry in the window
+                starts = torch.tensor(it.starts).view(1, k, 1)
+                idx = it.offset + (starts + pos) % it.params  # [nj, K, C]
+                idx = torch.where(pos < it.size, idx, it.offset).flatten()
+                t_parts.append(idx if storage is None else storage.at(it.key, it.offset, idx))
+                real_parts.append((pos < it.size).expand(nj, k, c).flatten())
             alpha = torch.tensor(it.coef, dtype=torch.long)
             if it.rows < r:  # padded rows read coefficient row 0: never read, zero gradient
                 alpha = torch.cat((alpha, alpha[:1].expand(r - it.rows, k)))
@@ -143,33 +166,41 @@ def build_matmuls(layout: MatmulLayout, keep) -> Matmuls:
             place[it.key] = (out + n * r * c, r)
             n += nj
         shapes.append((n, r, k))
+        views.append(view_end if view else None)
+        view_end += n * k * c if view else 0
         out += n * r * c
 
     def cat(parts, dtype=SCATTER):
         return torch.cat(parts).to(dtype) if parts else torch.zeros(0, dtype=dtype)
 
-    t_index, real = cat(t_parts), cat(real_parts, torch.bool)
+    # Gathered templates read bank[view_end:] only (the views' items are the whole of bank[:view_end]).
+    t_index, real = cat(t_parts) - view_end, cat(real_parts, torch.bool)
     # The template gather by runs: a chunk of a cyclic window is C consecutive bank entries unless the window
     # wraps inside it (on 2 CPU cores the entry-wise gather of the digits plan's templates took twice as long).
-    templates = run_gather(t_index, c, bank_numel)
-    return Matmuls(c, shapes, templates, cat(a_parts), place, out, gather_adjoint(t_index, real, bank_numel),
-                   bank_numel)
+    templates = run_gather(t_index, c, bank_numel - view_end)
+    return Matmuls(c, shapes, views, view_end, templates, cat(a_parts), place, out,
+                   gather_adjoint(t_index, real, bank_numel - view_end), bank_numel)
 
 
-def _operands(mm: Matmuls, templates: Tensor, coefficients: Tensor):
-    """Per class the bmm operands (templates [n, K, C], alphas [n, R, K]) from the gathered templates and one
-    gather of the coefficients."""
+def _operands(mm: Matmuls, bank: Tensor, templates: Tensor, coefficients: Tensor):
+    """Per class the bmm operands (templates [n, K, C]: a view of the bank or of the gathered templates; alphas
+    [n, R, K]) from one gather of the coefficients."""
     alphas = coefficients.index_select(0, mm.a_index)
-    t_sizes = [n * k * mm.chunk for n, _, k in mm.shapes]
     a_sizes = [n * r * k for n, r, k in mm.shapes]
-    ts = [t.view(n, k, mm.chunk) for t, (n, _, k) in zip(templates.split(t_sizes), mm.shapes)]
+    ts, t0 = [], 0
+    for (n, _, k), v in zip(mm.shapes, mm.views):
+        if v is None:
+            ts.append(templates[t0 : t0 + n * k * mm.chunk].view(n, k, mm.chunk))
+            t0 += n * k * mm.chunk
+        else:
+            ts.append(bank[v : v + n * k * mm.chunk].view(n, k, mm.chunk))
     as_ = [a.view(n, r, k) for a, (n, r, k) in zip(alphas.split(a_sizes), mm.shapes)]
     return ts, as_
 
 
-def _matmul_forward(mm: Matmuls, templates: Tensor, coefficients: Tensor) -> Tensor:
+def _matmul_forward(mm: Matmuls, bank: Tensor, templates: Tensor, coefficients: Tensor) -> Tensor:
     out = templates.new_empty(mm.out_numel)
-    ts, as_ = _operands(mm, templates, coefficients)
+    ts, as_ = _operands(mm, bank, templates, coefficients)
     start = 0
     for t, a, (n, r, _) in zip(ts, as_, mm.shapes):
         torch.bmm(a, t, out=out[start : start + n * r * mm.chunk].view(n, r, mm.chunk))
@@ -179,19 +210,30 @@ def _matmul_forward(mm: Matmuls, templates: Tensor, coefficients: Tensor) -> Ten
 
 def _matmul_backward(mm: Matmuls, bank: Tensor, templates: Tensor, coefficients: Tensor, grad: Tensor,
                      need_bank: bool, need_coef: bool) -> tuple[Tensor | None, Tensor | None]:
-    ts, as_ = _operands(mm, templates, coefficients)
-    g_t = bank.new_empty(mm.t_numel + 1) if need_bank else None  # + the zero entry `adjoint_of` reads
+    ts, as_ = _operands(mm, bank, templates, coefficients)
+    c = mm.chunk
+    g_t = g_bank = None
+    if need_bank:
+        g_t = bank.new_empty(mm.t_numel + 1)  # + the zero entry `adjoint_of` reads
+        # the views' gradient is bank[:view_end]'s, written by their bmm; the rest follows (padded to whole runs)
+        g_bank = bank.new_empty(mm.view_end + adjoint_numel(mm.bank_grad, mm.bank_numel - mm.view_end,
+                                                            bank.numel() - mm.view_end))
     g_a = bank.new_empty(mm.a_index.numel()) if need_coef else None
     start = t0 = a0 = 0
-    c = mm.chunk
-    for t, a, (n, r, k) in zip(ts, as_, mm.shapes):
+    for t, a, (n, r, k), v in zip(ts, as_, mm.shapes, mm.views):
         g = grad[start : start + n * r * c].view(n, r, c)
         if need_bank:
-            torch.bmm(a.transpose(1, 2), g, out=g_t[t0 : t0 + n * k * c].view(n, k, c))
+            dest = g_bank[v : v + n * k * c] if v is not None else g_t[t0 : t0 + n * k * c]
+            torch.bmm(a.transpose(1, 2), g, out=dest.view(n, k, c))
+            t0 += 0 if v is not None else n * k * c
         if need_coef:
             torch.bmm(g, t.transpose(1, 2), out=g_a[a0 : a0 + n * r * k].view(n, r, k))
-        start, t0, a0 = start + n * r * c, t0 + n * k * c, a0 + n * r * k
-    gb = adjoint_of(mm.bank_grad, g_t, mm.bank_numel, bank.numel()) if need_bank else None
+        start, a0 = start + n * r * c, a0 + n * r * k
+    gb = None
+    if need_bank:
+        adjoint_of(mm.bank_grad, g_t, mm.bank_numel - mm.view_end, bank.numel() - mm.view_end,
+                   out=g_bank[mm.view_end :])
+        gb = g_bank[: bank.numel()]
     # scatter_add_, not index_add_: on CPU the latter is ~1.5x slower on 1-D and ~8x on rows (measured)
     gc = coefficients.new_zeros(coefficients.numel()).scatter_add_(0, mm.a_index, g_a) if need_coef else None
     return gb, gc
@@ -205,9 +247,9 @@ class _Matmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, bank: Tensor, coefficients: Tensor, mm: Matmuls) -> Tensor:
         ctx.mm = mm
-        templates = gather_runs(mm.templates, bank)
+        templates = gather_runs(mm.templates, bank[mm.view_end :])
         ctx.save_for_backward(bank, templates, coefficients)
-        return _matmul_forward(mm, templates, coefficients)
+        return _matmul_forward(mm, bank, templates, coefficients)
 
     @staticmethod
     def backward(ctx, grad: Tensor):

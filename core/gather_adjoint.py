@@ -87,12 +87,18 @@ def gather_adjoint(index: Tensor, real: Tensor, src_numel: int) -> GatherAdjoint
     return GatherAdjoint(length, first, [(g, rows.unsqueeze(1)) for g, rows in plan[1:]], dest, pos.to(INDEX))
 
 
-def adjoint_of(adj: GatherAdjoint, g_out: Tensor, read: int, total: int) -> Tensor:
+def adjoint_numel(adj: GatherAdjoint, read: int, total: int) -> int:
+    """Entries `adjoint_of` writes: the source's, padded to whole runs."""
+    return max(-(-read // adj.length) * adj.length, total)
+
+
+def adjoint_of(adj: GatherAdjoint, g_out: Tensor, read: int, total: int, out: Tensor | None = None) -> Tensor:
     """The gradient of a source of `total` entries (the first `read` ones gathered from) from `g_out` (the
-    output's gradient; its last entry is the zero entry, zeroed here)."""
+    output's gradient; its last entry is the zero entry, zeroed here), written into `out` (`adjoint_numel`
+    entries) or a new tensor."""
     g_out[-1:].zero_()
     n_runs = -(-read // adj.length)
-    g_src = g_out.new_empty(max(n_runs * adj.length, total))
+    g_src = g_out.new_empty(adjoint_numel(adj, read, total)) if out is None else out
     gather_runs(adj.first, g_out, out=g_src[: n_runs * adj.length])
     if g_src.numel() > n_runs * adj.length:
         g_src[n_runs * adj.length :].zero_()  # entries nothing reads (an SSN bank's repeat / mask groups)

@@ -63,7 +63,7 @@ class ReferenceGenerator:
 
     def _sw_block_outputs(self, blocks):
         bank = self.bank
-        thetas = torch.split(bank.bank, self._param_sizes)
+        thetas = torch.split(bank.logical(), self._param_sizes)  # (the bank's own order: `core.bank_storage`)
         alphas = torch.split(bank.coefficients, self._coef_sizes)
         plan_blocks = bank.plan.blocks
         out: list = [None] * len(plan_blocks)

@@ -64,7 +64,7 @@ def run_gather(index: Tensor, length: int, src_numel: int, sentinel: int | None 
 
 def gather_runs(g: RunGather, src: Tensor, out: Tensor | None = None) -> Tensor:
     """src[index] (1-D, contiguous src) into `out` (1-D, `g.numel` entries) or a new tensor."""
-    if g.entrywise.numel():
+    if g.entrywise.numel() or src.numel() < g.length:  # (src shorter than a run: `entrywise` is the whole index)
         return torch.index_select(src, 0, g.entrywise, **({} if out is None else {"out": out}))
     runs = src.as_strided((src.numel() - g.length + 1, g.length), (1, 1))
     if out is None:

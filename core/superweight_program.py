@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .bank_storage import Storage
 from .chunked_matmul import Item, MatmulLayout, Matmuls, _Matmul, _round_up, build_matmuls
 from .flat_views import Views, _flat_grads
 from .run_gather import INDEX, MAX_FIXES, RUNS
@@ -179,9 +180,9 @@ def sw_rows(plan, layout: MatmulLayout) -> int:
     return unit
 
 
-def sw_program(plan, layout: MatmulLayout, slot_ids: list[int], unit: int) -> SWProgram:
+def sw_program(plan, layout: MatmulLayout, slot_ids: list[int], unit: int, storage: Storage | None = None) -> SWProgram:
     """The program generating `slot_ids` (sorted, distinct) from only the blocks they read, in rows of `unit`
-    entries (`sw_rows`, of the whole plan).
+    entries (`sw_rows`, of the whole plan), from a bank stored in `storage`'s order (`core.bank_storage`).
 
     Duplicates are generated once: corresponding slots of the same shape (a wrn-16-4 and a wrn-10-4 slot in
     one depth bin) read the same cells with the same coefficient set, so until unsharing their weights are
@@ -192,7 +193,7 @@ def sw_program(plan, layout: MatmulLayout, slot_ids: list[int], unit: int) -> SW
     originals only: on digits that is 23% fewer entries through both."""
     cells = {i: plan.slot_cells(i) for i in slot_ids}
     blocks = sorted({bid for i in slot_ids for row in cells[i] for bid in row})
-    mm = build_matmuls(layout, set(blocks).__contains__)
+    mm = build_matmuls(layout, set(blocks).__contains__, storage)
     copies, index = _originals(plan, mm, slot_ids, cells)
     originals = list(index)
     at, pos, whole = _layout(plan, mm, originals, index, unit)

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from core.bank_storage import with_legacy_storage
 from core.errors import SuperweightsError
 from core.plan import Plan, resolve_budget
 from core.ssn import SSNPlan
@@ -181,6 +182,7 @@ def load_checkpoint(folder, device: str | torch.device = "cpu") -> tuple[Config,
     except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
         raise SuperweightsError(f"{path / 'weights.safetensors'} cannot be read: {_reason(e)}") from None
     expected = model.state_dict()
+    state = with_legacy_storage(state, expected)  # (weights written before `core.bank_storage`)
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     wrong = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]

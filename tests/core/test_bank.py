@@ -55,7 +55,7 @@ def test_templates_are_normal_at_the_init_scale_of_their_slots_and_coefficients_
     for b in plan.blocks:
         users = [i for i in range(len(plan.slots)) if any(b.id in row for row in plan.slot_cells(i))]
         rms_init = math.sqrt(sum(reference_std(plan.slots[i].shape) ** 2 for i in users) / len(users))
-        theta = bank.bank[b.offset : b.offset + b.params]
+        theta = bank.theta(b.id)  # (logical order: `core.bank_storage`)
         if b.params >= 2000:
             assert theta.std().item() == pytest.approx(rms_init, rel=0.1)
         norms = bank.block_coefficients(b.id).norm(dim=1)
@@ -100,7 +100,7 @@ def test_tiled_templates_are_cyclic_windows(slots):
     b = max(plan.blocks, key=lambda b: b.size)
     assert b.params < b.size  # low budget: windows wrap (NPAS "repeat")
     t = bank.templates(b.id)
-    theta = bank.bank[b.offset : b.offset + b.params]
+    theta = bank.theta(b.id)
     for k, start in enumerate(b.window_starts()):
         idx = (start + torch.arange(b.size)) % b.params
         assert torch.equal(t[k], theta[idx])

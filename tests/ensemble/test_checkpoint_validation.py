@@ -37,6 +37,12 @@ def tiny(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def stored(tmp_path_factory):
+    """The default members: at the default budget most of their bank is stored as its matmuls' operands."""
+    return _train(tmp_path_factory, "stored", "data.train_per_class=5", "train.epochs=1")
+
+
+@pytest.fixture(scope="module")
 def learned(tmp_path_factory):
     """Gradient-regrouped and coefficient-unshared (both steps of the SuperWeight method in one run)."""
     return _train(tmp_path_factory, "learned", *TWO, "bank.grouping=gradient", "grouping.warmup_epochs=1",
@@ -175,3 +181,42 @@ def test_learned_layouts_load_and_are_still_checked(learned, ssn_learned, tmp_pa
         with pytest.raises(SuperweightsError, match="plan.json does not match config.json: ") as e:
             load_checkpoint(bad)
         assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda s: s["bank.storage"].__setitem__(-1, 7), "bank.storage names chunks of 7 entries, the plan's are 512"),
+        (lambda s: s["bank.storage"].__setitem__(s["bank.storage"][:-1].argmax(), 99),
+         "bank.storage does not rank the blocks 0, 1, 2, ...: not a storage order"),
+        (lambda s: s["bank.storage"].__setitem__(0, s["bank.storage"][:-1].max() + 1),  # the stem: 144 entries
+         "bank.storage stores block 0 as an operand, but its templates are not disjoint slices of whole chunks"),
+    ],
+)
+def test_a_tampered_storage_order_is_a_one_line_error(stored, tmp_path, capsys, edit, message):
+    bad = tampered(stored, tmp_path / "bad", weights=edit)
+    with pytest.raises(SuperweightsError) as e:
+        load_checkpoint(bad)
+    assert f"{bad / 'weights.safetensors'} does not match plan.json/config.json: " in str(e.value)
+    assert message in str(e.value) and "\n" not in str(e.value)
+    assert message in one_line_error(capsys, ["evaluate", str(bad)])
+
+
+def test_weights_saved_before_the_storage_order_load_in_logical_order(stored, tmp_path):
+    """Weights written before the bank had a storage order (`core.bank_storage`): the bank in logical order and
+    no bank.storage. They load as such, and generate the same weights."""
+    import torch
+
+    _, _, model, _ = load_checkpoint(stored)
+    assert (model.bank.storage[:-1] >= 0).any()  # this bank is stored as its matmuls' operands
+    logical = model.bank.logical().detach().clone()
+
+    def legacy(state):
+        state["bank.bank"] = logical
+        del state["bank.storage"]
+
+    _, _, old, _ = load_checkpoint(tampered(stored, tmp_path / "legacy", weights=legacy))
+    assert (old.bank.storage[:-1] == -1).all()
+    with torch.no_grad():
+        for a, b in zip(old.bank(), model.bank()):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
