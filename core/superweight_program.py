@@ -91,7 +91,7 @@ class SWProgram:
 
 def halves(block) -> bool:
     """Whether a block's product is done on the two halves of theta_b (`sw_items`): two templates over exactly
-    one template's worth of parameters (P_b == size_b, even), the usual block at default budgets (27 of 43 on
+    one template's worth of parameters (P_b == size_b, even), the usual block at default budgets (23 of 43 on
     the digits plan)."""
     return block.templates == 2 and block.params == block.size and block.size % 2 == 0
 
