@@ -133,10 +133,11 @@ class Matmuls:
 
 def build_matmuls(layout: MatmulLayout, keep, storage=None) -> Matmuls:
     """The program's matmuls: the classes' items `keep` (item key -> bool) keeps, gathered from a bank in
-    `storage`'s order (a `core.bank_storage.Storage`, which imports this module; None: the items' own offsets). A class of direct items that are, in order, the next
-    consecutive items of the storage (from its start on) is a view of the bank: in a full program, every direct
-    class; a subset program (a member-parallel worker's) keeps fewer items and gathers them (the same values at
-    the same alignment, so the same bmm results)."""
+    `storage`'s order (a `core.bank_storage.Storage`, which imports this module; None: the items' own offsets).
+    A class of direct items that are, in order, the next consecutive items of the storage (from its start on) is
+    a view of the bank: in a full program, every direct class; a subset program (a member-parallel worker's)
+    keeps fewer items and gathers them (the same values at the same alignment, so the same bmm results). Every
+    gathered entry then lies past the views (each item is in one class, and the views tile bank[:view_end])."""
     c = layout.chunk
     col = torch.arange(c)
     t_parts, real_parts, a_parts, shapes, views, place = [], [], [], [], [], {}
