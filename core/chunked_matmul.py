@@ -96,7 +96,8 @@ class Matmuls:
     chunk: int
     shapes: list[tuple[int, int, int]]  # per class (chunks n, R, K)
     views: list[int | None]  # per class: where its operand starts in the bank, if it is a view of it (else gathered)
-    view_end: int  # the views' operands are bank[:view_end]; every other template entry reads bank[view_end:]
+    view_end: int  # the views' operands lie in bank[:view_end]; every other template entry reads bank[view_end:]
+    gaps: list[tuple[int, int]]  # the ranges of bank[:view_end] that are no view's (unread: zero gradient)
     templates: RunGather  # every template entry of the other classes (concatenated, [n, K, C] each) from the bank
     a_index: Tensor  # coefficient of every alpha entry, classes concatenated ([n, R, K] each)
     place: dict[int, tuple[int, int]]  # item key -> (first entry of its output in `out`, its R)
@@ -131,25 +132,51 @@ class Matmuls:
         return first + (entries // self.chunk * rows + row) * self.chunk + entries % self.chunk
 
 
+def _views(layout: MatmulLayout, keep, storage) -> tuple[dict[int, int], int, list[tuple[int, int]]]:
+    """Which classes a program reads in place: (class index -> its operand's start in the bank, the end of the
+    last view, the stored ranges between views the program does not read). A class of direct items that are,
+    in order, consecutive items of the storage is a view, each past the previous one: in a full program every
+    direct class, in a subset program (a member-parallel worker's) those whose kept items are still consecutive
+    (on digits, every class of both default worker groups). Once a stored class is gathered, the later ones are
+    too, and if any gathered item lies before the last view (classes in another order than the storage's, after
+    unsharing), none is a view: every gathered entry must lie past the views."""
+    if storage is None:
+        return {}, 0, []
+    starts, gaps, end, gathered, seen = {}, [], 0, False, []
+    for ci, (items, is_direct) in enumerate(zip(layout.members, layout.direct)):
+        keys = tuple(it.key for it in items if keep(it.key))
+        if not keys:
+            continue
+        first = storage.rank.get(keys[0]) if is_direct and not gathered else None
+        if first is not None and storage.keys[first : first + len(keys)] == keys and storage.start[keys[0]] >= end:
+            if storage.start[keys[0]] > end:
+                gaps.append((end, storage.start[keys[0]]))
+            starts[ci] = storage.start[keys[0]]
+            end = starts[ci] + sum(storage.segments[key][1] for key in keys)
+        else:
+            gathered = gathered or is_direct
+            seen += [storage.segments[key][0] for key in keys]
+    if any(at < end for at in seen):
+        return {}, 0, []
+    return starts, end, gaps
+
+
 def build_matmuls(layout: MatmulLayout, keep, storage=None) -> Matmuls:
     """The program's matmuls: the classes' items `keep` (item key -> bool) keeps, gathered from a bank in
-    `storage`'s order (a `core.bank_storage.Storage`, which imports this module; None: the items' own offsets).
-    A class of direct items that are, in order, the next consecutive items of the storage (from its start on) is
-    a view of the bank: in a full program, every direct class; a subset program (a member-parallel worker's)
-    keeps fewer items and gathers them (the same values at the same alignment, so the same bmm results). Every
-    gathered entry then lies past the views (each item is in one class, and the views tile bank[:view_end])."""
+    `storage`'s order (a `core.bank_storage.Storage`, which imports this module; None: the items' own offsets),
+    except the classes it reads in place (`_views`). Gathered or viewed, the same values at the same (2 KB)
+    alignment: the same bmm results."""
     c = layout.chunk
     col = torch.arange(c)
     t_parts, real_parts, a_parts, shapes, views, place = [], [], [], [], [], {}
     bank_numel = max((it.offset + it.params for items in layout.members for it in items), default=0)
-    out = view_end = 0
-    for (k, r), items, is_direct in zip(layout.classes, layout.members, layout.direct):
+    view_at, view_end, gaps = _views(layout, keep, storage)
+    out = 0
+    for ci, ((k, r), items) in enumerate(zip(layout.classes, layout.members)):
         items = [it for it in items if keep(it.key)]
         if not items:
             continue
-        keys = [it.key for it in items]
-        view = (storage is not None and is_direct and storage.start.get(keys[0]) == view_end
-                and storage.keys[storage.rank[keys[0]] : storage.rank[keys[0]] + len(keys)] == tuple(keys))
+        view = ci in view_at
         n = 0
         for it in items:
             nj = -(-it.size // c)
@@ -167,19 +194,18 @@ def build_matmuls(layout: MatmulLayout, keep, storage=None) -> Matmuls:
             place[it.key] = (out + n * r * c, r)
             n += nj
         shapes.append((n, r, k))
-        views.append(view_end if view else None)
-        view_end += n * k * c if view else 0
+        views.append(view_at.get(ci))
         out += n * r * c
 
     def cat(parts, dtype=SCATTER):
         return torch.cat(parts).to(dtype) if parts else torch.zeros(0, dtype=dtype)
 
-    # Gathered templates read bank[view_end:] only (the views' items are the whole of bank[:view_end]).
+    # Gathered templates read bank[view_end:] only.
     t_index, real = cat(t_parts) - view_end, cat(real_parts, torch.bool)
     # The template gather by runs: a chunk of a cyclic window is C consecutive bank entries unless the window
     # wraps inside it (on 2 CPU cores the entry-wise gather of the digits plan's templates took twice as long).
     templates = run_gather(t_index, c, bank_numel - view_end)
-    return Matmuls(c, shapes, views, view_end, templates, cat(a_parts), place, out,
+    return Matmuls(c, shapes, views, view_end, gaps, templates, cat(a_parts), place, out,
                    gather_adjoint(t_index, real, bank_numel - view_end), bank_numel)
 
 
@@ -232,6 +258,8 @@ def _matmul_backward(mm: Matmuls, bank: Tensor, templates: Tensor, coefficients:
         start, a0 = start + n * r * c, a0 + n * r * k
     gb = None
     if need_bank:
+        for a, b in mm.gaps:
+            g_bank[a:b].zero_()
         adjoint_of(mm.bank_grad, g_t, mm.bank_numel - mm.view_end, bank.numel() - mm.view_end,
                    out=g_bank[mm.view_end :])
         gb = g_bank[: bank.numel()]

@@ -158,11 +158,25 @@ def _layout(plan, mm: Matmuls, originals: list[int], index: dict[int, Tensor], u
     return at, pos, whole
 
 
+def _copy_key(plan, i: int, cells) -> tuple:
+    return plan.slots[i].shape, plan.slot_coef[i], plan.slot_group[i], tuple(map(tuple, cells))
+
+
 def _originals(plan, mm: Matmuls, slot_ids: list[int], cells) -> tuple[dict[tuple, list[int]], dict[int, Tensor]]:
-    """(slots generating the same numbers, the first the original; each original's matmul-output positions)."""
+    """(slots generating the same numbers, the first the original; each original's matmul-output positions).
+
+    Originals come in the order of their copies' first slot in the whole plan, not in the program's: a
+    member-parallel worker whose original of some copies is a later member's slot (the full program's original
+    is another worker's) still lays its weight rows out in the full program's relative order, so each adjoint
+    bag sums its readers in the same order and the subset's gradients are the full ones bit for bit (in slot
+    order they came out ~5e-7 apart on the digits plan's second default worker group)."""
     copies: dict[tuple, list[int]] = defaultdict(list)
     for i in slot_ids:
-        copies[(plan.slots[i].shape, plan.slot_coef[i], plan.slot_group[i], tuple(map(tuple, cells[i])))].append(i)
+        copies[_copy_key(plan, i, cells[i])].append(i)
+    first: dict[tuple, int] = {}
+    for i in range(len(plan.slots)):
+        first.setdefault(_copy_key(plan, i, plan.slot_cells(i)), i)
+    copies = dict(sorted(copies.items(), key=lambda kv: first[kv[0]]))
     return copies, {same[0]: _slot_index(plan, mm, same[0], cells[same[0]]) for same in copies.values()}
 
 
