@@ -48,7 +48,8 @@ adjoint), and the few entries done one by one.
 Bit-exactness. The layout (chunk size, classes, which block in which class) comes from the whole plan,
 and a program for a subset of slots (a member-parallel worker's) only drops chunks, so each kept chunk is
 the same bmm matrix at the same alignment (where the full program reads a class in place and the subset
-gathers its kept chunks, the copies hold the same values at the same 2 KB alignment); the row unit comes from the whole plan too and every slot starts at a
+gathers its kept chunks, the copies hold the same values at the same 2 KB alignment; originals are laid out in
+the whole plan's order, so every adjoint bag sums its readers in the same order); the row unit comes from the whole plan too and every slot starts at a
 multiple of it, so a slot's rows are assembled the same way in every program: subset weights and gradients are
 bit for bit the full ones.
 Metadata-only operations (one `as_strided` view per slot weight, one flattening view per slot gradient)
