@@ -30,7 +30,6 @@ from .chunked_matmul import Item, MatmulLayout, direct
 @dataclass(frozen=True)
 class Storage:
     keys: tuple[int, ...]  # the items stored as their operands, in order from the bank's start
-    start: dict[int, int]  # item key -> its first storage position
     rank: dict[int, int]  # item key -> its place in `keys`
     segments: dict[int, tuple[int, int, int]]  # every item key -> (storage start, params, K if stored else 0)
     chunk: int
@@ -102,7 +101,7 @@ def storage_of(code: Tensor, items: list[Item], chunk: int, numel: int) -> Stora
     code = code.tolist()
     if len(code) != len(items) + 1:
         raise ValueError(f"bank.storage has {len(code)} entries, the plan's {len(items)} blocks need {len(items) + 1}")
-    ranked = sorted((r, it) for r, it in zip(code, items) if r >= 0)
+    ranked = sorted(((r, it) for r, it in zip(code, items) if r >= 0), key=lambda t: t[0])  # (ties: tampered)
     if code[-1] == LOGICAL and ranked:
         raise ValueError("bank.storage says logical order but stores blocks as operands")
     if code[-1] not in (LOGICAL, chunk):
@@ -124,4 +123,4 @@ def storage_of(code: Tensor, items: list[Item], chunk: int, numel: int) -> Stora
     if at != numel:
         raise ValueError(f"the plan's blocks hold {at} bank entries, the bank has {numel}")
     keys = tuple(it.key for _, it in ranked)
-    return Storage(keys, start, {k: r for r, k in enumerate(keys)}, segments, chunk)
+    return Storage(keys, {k: r for r, k in enumerate(keys)}, segments, chunk)

@@ -148,10 +148,10 @@ def _views(layout: MatmulLayout, keep, storage) -> tuple[dict[int, int], int, li
         if not keys:
             continue
         first = storage.rank.get(keys[0]) if is_direct and not gathered else None
-        if first is not None and storage.keys[first : first + len(keys)] == keys and storage.start[keys[0]] >= end:
-            if storage.start[keys[0]] > end:
-                gaps.append((end, storage.start[keys[0]]))
-            starts[ci] = storage.start[keys[0]]
+        if first is not None and storage.keys[first : first + len(keys)] == keys and storage.segments[keys[0]][0] >= end:
+            if storage.segments[keys[0]][0] > end:
+                gaps.append((end, storage.segments[keys[0]][0]))
+            starts[ci] = storage.segments[keys[0]][0]
             end = starts[ci] + sum(storage.segments[key][1] for key in keys)
         else:
             gathered = gathered or is_direct
