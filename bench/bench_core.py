@@ -11,6 +11,11 @@ Same members, same batch, timed interleaved in one process:
 * peak memory of one training step, superweights / full: parameters, buffers (incl. generation index tensors),
   optimizer state, plus the step's peak of allocations (torch.profiler memory events on CPU,
   torch.cuda.max_memory_allocated on CUDA)
+
+The training step is the product's (`ensemble.training.Accelerator.step`, what `superweights train` runs), so
+`--precision bf16`, `--channels-last` and `--compile` time the GPU configuration users get (`train.precision`,
+`train.channels_last`, `train.compile`); on CUDA every timed call ends with a synchronize. `bench/device_check.sh`
+runs the CUDA table in one call when a GPU is lent.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from core.reference import ReferenceGenerator  # noqa: E402
 from ensemble.config import load_config  # noqa: E402
 from ensemble.data import DatasetInfo  # noqa: E402
 from ensemble.methods import build_ensemble  # noqa: E402
-from ensemble.training import ensemble_loss, make_optimizer  # noqa: E402
+from ensemble.training import Accelerator, make_optimizer  # noqa: E402
 
 CASES = {
     "digits 8x8, default members (wrn-16-4, wrn-16-2, wrn-10-4, wrn-10-2), batch 64": (
@@ -97,25 +102,37 @@ def step_peak_bytes(fn, device) -> int:
     return peak
 
 
-def measure(info, overrides, batch, repeats, device):
+def synced(fn, device):
+    """fn, then (on CUDA) a synchronize, so a timer measures the kernels and not their launch."""
+    if torch.device(device).type != "cuda":
+        return fn
+
+    def run():
+        fn()
+        torch.cuda.synchronize()
+    return run
+
+
+def measure(info, overrides, batch, repeats, device, train_overrides=()):
+    """`train_overrides`: `train.*` overrides (precision, channels_last, compile) for both methods' training steps."""
     torch.manual_seed(0)
+    if any(o == "train.compile=true" for o in train_overrides):
+        torch._dynamo.reset()  # each case's members compile afresh (dynamo's graph limit counts per process)
     x = torch.rand(batch, info.in_channels, *info.image_size, device=device)
     y = torch.randint(0, info.num_classes, (batch,), device=device)
-    models = {m: build_ensemble(load_config(None, [*overrides, f'bank.method="{m}"']), info).to(device)
-              for m in ("superweights", "full")}
-    opts = {m: make_optimizer(model, load_config(None, overrides), 1000)[0] for m, model in models.items()}
+    configs = {m: load_config(None, [*overrides, *train_overrides, f'bank.method="{m}"']) for m in ("superweights", "full")}
+    models = {m: build_ensemble(c, info).to(device) for m, c in configs.items()}
+    accels = {m: Accelerator(c, torch.device(device)) for m, c in configs.items()}
+    optims = {m: make_optimizer(models[m], c, 10**6) for m, c in configs.items()}
+    for m, accel in accels.items():
+        accel.prepare(models[m])  # channels_last members if configured
+    inputs = {m: accel.inputs(x) for m, accel in accels.items()}
 
     def step(m):
         def run():
-            model = models[m]
-            model.train()
-            loss = ensemble_loss(model(x), y)
-            opts[m].zero_grad(set_to_none=True)
-            loss.backward()
-            opts[m].step()
-            if device == "cuda":
-                torch.cuda.synchronize()
-        return run
+            models[m].train()
+            accels[m].step(models[m], inputs[m], y, *optims[m])
+        return synced(run, device)
 
     sw = models["superweights"]
     grads = [torch.randn_like(w) for w in sw.bank()]
@@ -134,17 +151,20 @@ def measure(info, overrides, batch, repeats, device):
         sw.zero_grad(set_to_none=True)
         torch.autograd.backward(ref(), grads)
 
+    gen_forward, gen_forward_backward, ref_forward_backward = (
+        synced(f, device) for f in (gen_forward, gen_forward_backward, ref_forward_backward))
+
     train = interleaved({"superweights": step("superweights"), "full": step("full"),
                          "gen": gen_forward, "gen_fb": gen_forward_backward, "ref_fb": ref_forward_backward}, repeats)
     calls_new, calls_ref = aten_calls(gen_forward_backward), aten_calls(ref_forward_backward)
-    peak = {m: persistent_bytes(models[m], opts[m]) + step_peak_bytes(step(m), device) for m in models}
+    peak = {m: persistent_bytes(models[m], optims[m][0]) + step_peak_bytes(step(m), device) for m in models}
     plain, full = sw.eval().materialize().eval(), models["full"].eval()
 
     def infer(model):
         def run():
             with torch.no_grad():
-                model(x)
-        return run
+                model(inputs["full"])
+        return synced(run, device)
 
     infer_t = interleaved({"materialised": infer(plain), "full": infer(full)}, repeats * 3)
     return {
@@ -164,12 +184,23 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="train.precision of both methods' training steps (bf16: autocast, generation in fp32)")
+    p.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto",
+                   help="train.channels_last (auto: on CUDA only, the product's default)")
+    p.add_argument("--compile", action="store_true", help="train.compile = true (torch.compile of the members)")
     p.add_argument("--no-write", action="store_true", help="print only, do not update BENCHMARKS.md")
     args = p.parse_args(argv)
     torch.set_num_threads(torch.get_num_threads())
+    train = [f'train.precision="{args.precision}"', f"train.compile={str(args.compile).lower()}"]
+    if args.channels_last != "auto":
+        train.append(f"train.channels_last={str(args.channels_last == 'on').lower()}")
+    flags = "".join([f" --precision {args.precision}" if args.precision != "fp32" else "",
+                     f" --channels-last {args.channels_last}" if args.channels_last != "auto" else "",
+                     " --compile" if args.compile else ""])
     rows, gen_rows = [], []
     for name, (info, overrides, batch) in CASES.items():
-        r = measure(info, overrides, batch, args.repeats, args.device)
+        r = measure(info, overrides, batch, args.repeats, args.device, train)
         rows.append(f"| {name} | {r['step_sw_ms']:.1f} / {r['step_full_ms']:.1f} | **{r['step_ratio']:.3f}** "
                     f"| **{r['infer_ratio']:.3f}** ({r['infer_full_ms']:.2f} ms full) "
                     f"| {100 * r['gen_share']:.1f}% / {100 * r['gen_fb_share']:.1f}% "
@@ -178,10 +209,11 @@ def main(argv=None):
                         f"| {r['ref_fb_ms']:.2f} / {r['gen_fb_ms']:.2f} "
                         f"| {r['calls_ref'][0]:,} ({r['calls_ref'][1]:,}) / {r['calls_new'][0]:,} ({r['calls_new'][1]:,}) |")
         print(rows[-1], gen_rows[-1], sep="\n", flush=True)
-    device = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({cpu_name()}, {torch.get_num_threads()} threads)"
-    body = f"""## Core: SuperWeight ensemble vs full baseline ({args.device})
+    device = (torch.cuda.get_device_name(args.device) if args.device.startswith("cuda")
+              else f"CPU ({cpu_name()}, {torch.get_num_threads()} threads)")
+    body = f"""## Core: SuperWeight ensemble vs full baseline ({args.device}{flags})
 
-Command: `python bench/bench_core.py --repeats {args.repeats} --device {args.device}` (medians, interleaved; {device}, torch {torch.__version__}).
+Command: `python bench/bench_core.py --repeats {args.repeats} --device {args.device}{flags}` (medians, interleaved; {device}, torch {torch.__version__}).
 Targets: training step ratio <= 1.10 on digits and <= 1.03 on 32x32 inputs (issue 16), materialised inference
 ratio <= 1.02. Peak memory: parameters + buffers + optimizer state + the peak of one training step's allocations.
 
@@ -197,7 +229,7 @@ not metadata-only views (those launch kernels on a GPU).
 |---|---|---|
 """ + "\n".join(gen_rows)
     if not args.no_write:
-        write_section(f"core-{args.device}", body)
+        write_section(f"core-{args.device}" + flags.replace(" --", "-").replace(" ", "-"), body)
     print(body)
 
 

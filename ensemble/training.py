@@ -166,7 +166,16 @@ class Accelerator:
         if not self.compile or self.failed:
             return False
         try:
-            for m in self._members(model):
+            members = self._members(model)
+            # Dynamo compiles one graph per distinct member architecture (its guards are the shapes and modules;
+            # same-shaped members share one), all under the one code object of the members' class, which holds
+            # 8 graphs by default: past that the other members of a 9+-architecture ensemble ran eagerly, said
+            # only by a torch log line. (Train and eval modes may differ: twice the members.)
+            import torch._dynamo  # (imported by torch.compile anyway; only when compiling)
+
+            dynamo = torch._dynamo.config
+            dynamo.recompile_limit = max(dynamo.recompile_limit, 2 * len(members))
+            for m in members:
                 if id(m) not in self._compiled:
                     self._compiled[id(m)] = torch.compile(m._call_impl, backend=COMPILE_BACKEND)
                 m._compiled_call_impl = self._compiled[id(m)]

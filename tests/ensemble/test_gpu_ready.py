@@ -92,6 +92,30 @@ def test_compile_trains_with_the_same_loss(monkeypatch, capfd):
     assert all(m._compiled_call_impl is None for m in compiled.model.members)
 
 
+def test_compile_covers_every_member_of_a_large_same_class_ensemble(monkeypatch, capfd):
+    """Ten WideResNets of different depths and widths: one graph per architecture under one code object, past
+    dynamo's default limit of 8 (the ninth and tenth used to run eagerly, said only by a torch log line)."""
+    import torch._dynamo
+
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    monkeypatch.setattr(training, "COMPILE_BACKEND", counting)
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)  # the default, whatever ran before
+    torch._dynamo.reset()
+    names = ["wrn-10-1", "wrn-10-2", "wrn-10-3", "wrn-10-4", "wrn-16-1", "wrn-16-2", "wrn-16-3", "wrn-22-1",
+             "wrn-22-2", "wrn-28-1"]
+    members = "ensemble.members=[" + ",".join(f'"{n}"' for n in names) + "]"
+    result = fit(cfg(members, "train.epochs=1", "data.train_per_class=10", "train.compile=true"), None,
+                 progress=False, log=lambda s: None)
+    err = capfd.readouterr().err
+    assert "recompile_limit" not in err and "warning" not in err, err
+    assert len(graphs) >= 10 and len(result.history) == 1
+
+
 def test_compile_falls_back_with_one_warning_line(monkeypatch, capfd):
     def broken(gm, example_inputs):
         raise RuntimeError("no compiler here\nsecond line of detail")
