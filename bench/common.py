@@ -30,6 +30,8 @@ def write_section(name: str, body: str) -> None:
     start, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
     text = BENCHMARKS.read_text() if BENCHMARKS.exists() else "# Benchmarks\n\nRatios measured side by side in one run.\n"
     block = f"{start}\n{body.strip()}\n{end}"
+    if text.count(start) > 1:  # re.sub would update every copy and hide the duplicate (tests/test_benchmarks_md.py)
+        raise SystemExit(f"{BENCHMARKS} holds the section {name!r} {text.count(start)} times: remove the copies first")
     if start in text:
         text = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S)
     else:
