@@ -10,10 +10,11 @@ operand [chunks, K, C]; then every other entry, in logical order. Those classes'
 the bank (no gather of ~8 MB of templates per digits step) and their bmm writes the bank gradient in place (no
 gather back). Elementwise things (SGD, weight decay, allreduce, NaN checks) do not see the order.
 
-The order is chosen once, when a bank is made, from its plan, and kept with its weights: `storage_code` is a
-small buffer (each block's rank in the order or -1; then the chunk) saved in every checkpoint, so a bank and its
-optimizer state are read back in the order they were written, whatever a later plan would choose (unsharing
-changes the classes; a class whose items are no longer consecutive in storage is gathered, as before).
+The order is chosen when a bank is made, from its plan, and kept with its weights: `storage_code` is a small
+buffer (each block's rank in the order or -1; then the chunk) saved in every checkpoint, so a bank and its
+optimizer state are read back in the order they were written, whatever a later plan would choose. Unsharing
+changes the classes: `SuperWeightBank.restore` then moves the bank and its momentum to the new plan's order
+(a class whose items are not consecutive in storage is gathered, as before).
 A checkpoint without it (written before this order existed) is in logical order: `LOGICAL`.
 """
 

@@ -152,6 +152,8 @@ def unshare_coefficients(model: SuperWeightEnsemble, optimizer: torch.optim.Opti
     new = nn.Parameter(old.detach()[index].clone())
     _swap_parameter(optimizer, old, new, index)
     model.bank.rebind(new_plan, new)
+    bank = model.bank.bank  # re-stored for the new classes' matmuls, its optimizer state moved alike
+    model.bank.restore(*(v for v in optimizer.state.get(bank, {}).values() if torch.is_tensor(v) and v.shape == bank.shape))
     model.plan = new_plan
     return shared_pairs(old_plan) - shared_pairs(new_plan)
 

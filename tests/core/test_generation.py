@@ -366,3 +366,17 @@ def test_the_bank_is_stored_as_the_matmuls_operands_and_read_in_place():
     assert torch.equal(bank.storage, code) and bank._program(None).matmuls.view_end > 0
     for a, b in zip(bank(), ReferenceGenerator(bank)()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    # `restore` (what unsharing calls next) stores it in the new classes' order, moving a bank-shaped state
+    # (the optimizer's momentum) alike: the logical bank and state are the same numbers, more classes are read in
+    # place, the weights are what they were, and the code is the one a new bank of this plan chooses
+    before_views = sum(v is not None for v in bank._program(None).matmuls.views)
+    theta, weights = bank.logical().detach().clone(), [w.detach().clone() for w in bank()]
+    momentum = torch.randn(bank.bank.shape, generator=torch.Generator().manual_seed(7))
+    momentum_logical = bank._storage().logical(momentum, [b.id for b in unshared.blocks])
+    assert bank.restore(momentum) and not bank.restore(momentum)
+    assert torch.equal(bank.storage, SuperWeightBank(unshared).storage) and not torch.equal(bank.storage, code)
+    assert torch.equal(bank.logical(), theta)
+    assert torch.equal(bank._storage().logical(momentum, [b.id for b in unshared.blocks]), momentum_logical)
+    assert sum(v is not None for v in bank._program(None).matmuls.views) > before_views
+    for a, b in zip(bank(), weights):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)

@@ -30,6 +30,9 @@ def test_unsharing_splits_twins_which_then_diverge_with_carried_momentum():
     assert all(torch.equal(before[a], before[b]) for a, b in twins)  # shared coefficients, same shapes
     old_plan, old_coef = model.plan, model.bank.coefficients.detach().clone()
     old_momentum = optimizer.state[model.bank.coefficients]["momentum_buffer"].clone()
+    ids = [b.id for b in old_plan.blocks]
+    bank_state = [model.bank.logical().detach().clone(),
+                  model.bank._storage().logical(optimizer.state[model.bank.bank]["momentum_buffer"], ids)]
 
     pairs = unshare_coefficients(model, optimizer, data.train, config, "cpu", epoch=0)
     assert pairs == shared_pairs(old_plan) == len(twins)
@@ -39,6 +42,13 @@ def test_unsharing_splits_twins_which_then_diverge_with_carried_momentum():
     index = coefficient_transfer(old_plan, model.plan)
     assert torch.equal(model.bank.coefficients.detach(), old_coef[index])
     assert torch.equal(optimizer.state[model.bank.coefficients]["momentum_buffer"], old_momentum[index])
+    # the bank is re-stored in the new plan's matmul order (as a new bank of it would be), its momentum moved
+    # alike: both the same numbers in logical order
+    from core.bank import SuperWeightBank
+
+    assert torch.equal(model.bank.storage, SuperWeightBank(model.plan).storage)
+    assert torch.equal(model.bank.logical(), bank_state[0])
+    assert torch.equal(model.bank._storage().logical(optimizer.state[model.bank.bank]["momentum_buffer"], ids), bank_state[1])
     with torch.no_grad():
         for w, v in zip(model.bank(), before):  # the split itself changes nothing (up to matmul rounding)
             torch.testing.assert_close(w, v, rtol=1e-5, atol=1e-7)
@@ -78,3 +88,23 @@ def test_learned_groups_and_sharing_are_in_plan_json(tmp_path):
 
     _, _, model, _ = load_checkpoint(tmp_path)
     assert model.plan.to_json() == result.model.plan.to_json()
+
+
+def test_unsharing_restores_the_bank_in_the_new_plans_matmul_order(tmp_path):
+    """The default members at 0.5 (most of the bank stored as matmul operands): after the split the bank is in
+    the unshared plan's order, as a new bank of that plan would be (more classes read in place than the shared
+    order left), and saved and loaded in it."""
+    from core.bank import SuperWeightBank
+    from ensemble.checkpoint import load_checkpoint
+
+    config = cfg("data.train_per_class=10", "train.epochs=2", "bank.unshare_epoch=1", "bank.unshare_threshold=1.01",
+                 "bank.unshare_batches=1")
+    result = fit(config, tmp_path, progress=False, log=lambda s: None)
+    bank = result.model.bank
+    assert result.history[0]["unshared_pairs"] > 0
+    shared = build_ensemble(config, _data(config).info).bank.storage
+    assert torch.equal(bank.storage, SuperWeightBank(result.model.plan).storage) and not torch.equal(bank.storage, shared)
+    views = sum(v is not None for v in bank._program(None).matmuls.views)
+    assert views >= 4, views
+    _, _, model, _ = load_checkpoint(tmp_path)
+    assert torch.equal(model.bank.storage, bank.storage) and torch.equal(model.bank.bank, bank.bank)
