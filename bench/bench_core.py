@@ -121,8 +121,8 @@ def measure(info, overrides, batch, repeats, device, train_overrides=()):
     x = torch.rand(batch, info.in_channels, *info.image_size, device=device)
     y = torch.randint(0, info.num_classes, (batch,), device=device)
     configs = {m: load_config(None, [*overrides, *train_overrides, f'bank.method="{m}"']) for m in ("superweights", "full")}
-    models = {m: build_ensemble(c, info).to(device) for m, c in configs.items()}
     accels = {m: Accelerator(c, torch.device(device)) for m, c in configs.items()}
+    models = {m: build_ensemble(c, info, channels_last=accels[m].channels_last).to(device) for m, c in configs.items()}
     optims = {m: make_optimizer(models[m], c, 10**6) for m, c in configs.items()}
     for m, accel in accels.items():
         accel.prepare(models[m])  # channels_last members if configured

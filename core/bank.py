@@ -24,13 +24,19 @@ from .windows import cyclic_windows
 
 
 class SuperWeightBank(nn.Module):
-    def __init__(self, plan: Plan, generator: torch.Generator | None = None):
+    def __init__(self, plan: Plan, generator: torch.Generator | None = None, channels_last: bool = False):
+        """`channels_last`: a bank for convolutions that run in channels_last memory format (`train.channels_last`):
+        its cells are read as [Ob, kh, kw, Ib] and its conv weights generated as channels_last tensors, so no
+        convolution converts its weight (or its weight's gradient) each step. Another fixed map from template
+        products to weight entries, so another model of the same distribution, chosen here and saved with the
+        weights (the buffer `channels_last`); it changes no count, no budget, no init std."""
         super().__init__()
         self.plan = plan
         self.bank = nn.Parameter(torch.empty(plan.budget))
         self.coefficients = nn.Parameter(torch.empty(plan.coefficient_params))
         # Fixed (not trained) per-slot gains: composed weight gets exactly its slot's init std (SlotSpec.init_std).
         self.register_buffer("gains", torch.ones(len(plan.slots)))
+        self.register_buffer("channels_last", torch.tensor(int(channels_last)))
         self._build_index()
         # The order the bank is stored in (`core.bank_storage`): chosen here, then kept with the weights.
         self.register_buffer("storage", storage_code(self._layout, len(plan.blocks)))
@@ -95,11 +101,14 @@ class SuperWeightBank(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        # weights saved before the storage order existed are in logical order
+        # weights saved before the storage order existed are in logical order; before channels_last banks, row-major
         state_dict.setdefault(prefix + "storage", logical_code(len(self.plan.blocks)))
+        state_dict.setdefault(prefix + "channels_last", torch.tensor(0))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
-        self._store, self._programs = None, {}
+        self._store, self._programs, self._rows = None, {}, None
+        if int(self.channels_last) not in (0, 1):
+            error_msgs.append(f"bank.channels_last must be 0 or 1, got {int(self.channels_last)}")
         try:
             self._storage()
         except ValueError as e:
@@ -131,9 +140,10 @@ class SuperWeightBank(nn.Module):
         hit = self._programs.get(key, False)
         if hit is False:
             ids = list(range(len(self.plan.slots))) if key is None else self._subset(key)[0]
+            cl = bool(self.channels_last)
             if ids and self._rows is None:
-                self._rows = sw_rows(self.plan, self._layout)
-            hit = self._programs[key] = (sw_program(self.plan, self._layout, ids, self._rows, self._storage())
+                self._rows = sw_rows(self.plan, self._layout, cl)
+            hit = self._programs[key] = (sw_program(self.plan, self._layout, ids, self._rows, self._storage(), cl)
                                          if ids else None)
         return None if hit is None else hit.to(self.bank.device)
 

@@ -91,10 +91,12 @@ def logical_code(n_keys: int) -> Tensor:
 
 
 def with_legacy_storage(state: dict[str, Tensor], expected: dict[str, Tensor]) -> dict[str, Tensor]:
-    """A saved state dict with the storage code a bank saved before the storage order existed would have had:
-    logical order (`SuperWeightBank` loads such weights the same way)."""
-    return {**state, **{k: logical_code(v.numel() - 1) for k, v in expected.items()
-                        if k.rpartition(".")[2] == "storage" and k not in state and k.rpartition(".")[0] + ".bank" in state}}
+    """A saved state dict with what a bank saved before the storage order (and channels_last banks) existed would
+    have had: logical order, row-major cells (`SuperWeightBank` loads such weights the same way)."""
+    legacy = {"storage": lambda v: logical_code(v.numel() - 1), "channels_last": lambda v: torch.zeros_like(v)}
+    return {**state, **{k: legacy[name](v) for k, v in expected.items()
+                        if (name := k.rpartition(".")[2]) in legacy and k not in state
+                        and k.rpartition(".")[0] + ".bank" in state}}
 
 
 def storage_of(code: Tensor, items: list[Item], chunk: int, numel: int) -> Storage:

@@ -23,7 +23,8 @@ the same arithmetic in a handful of kernels:
    row is a whole row of the matmul output's [-1, u] view. One `embedding_bag` (bags of one row, each slot's
    fixed gain as the per-sample weight) copies every such row into one flat weight buffer and applies the gains
    in the same pass; the few other entries (a 1-channel stem's 9-entry cell rows) are gathered one by one. Slot
-   weights are views of that buffer. Duplicates (corresponding slots of one shape read the same cells with the
+   weights are views of that buffer (in a bank made for channels_last convolutions, its conv weights are
+   channels_last views: `core.superweight_program._slot_index`). Duplicates (corresponding slots of one shape read the same cells with the
    same coefficient set) are generated once and viewed twice. SSN wavg slots are blocks with R = 1 whose chunks
    are consecutive: the matmul output (times the gains) *is* their weight buffer; repeat and mask slots are one
    gather of the bank.

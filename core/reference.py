@@ -85,10 +85,16 @@ class ReferenceGenerator:
             coef = plan.slot_coef[i]
             bands = []
             for row in self._cells[i]:
-                cells = [outputs[bid][self._row_of[bid][coef]].view(plan.blocks[bid].shape) for bid in row]
+                cells = [self._cell(outputs[bid][self._row_of[bid][coef]], plan.blocks[bid].shape) for bid in row]
                 bands.append(cells[0] if len(cells) == 1 else torch.cat(cells, dim=1))
             raw[i] = bands[0] if len(bands) == 1 else torch.cat(bands, dim=0)
         return raw
+
+    def _cell(self, product: Tensor, shape: tuple[int, ...]) -> Tensor:
+        """A block's product as its weight cell: row-major, or in a channels_last bank read as [Ob, kh, kw, Ib]."""
+        if len(shape) == 4 and int(getattr(self.bank, "channels_last", 0)):
+            return product.view(shape[0], shape[2], shape[3], shape[1]).permute(0, 3, 1, 2)
+        return product.view(shape)
 
     # -- SSN ---------------------------------------------------------------------------------------
     @staticmethod

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from .bank_storage import Storage
 from .chunked_matmul import Item, MatmulLayout, Matmuls, _Matmul, _round_up, build_matmuls
-from .flat_views import Views, _flat_grads
+from .flat_views import Views, _flat_grads, nhwc
 from .run_gather import INDEX, MAX_FIXES, RUNS
 
 INDEX_FIELDS = ("rows", "fix_at", "fix_from", "adj_rows", "adj_offsets", "slot_ids", "slot_rows")
@@ -123,18 +123,28 @@ def block_positions(mm: Matmuls, block, row: int) -> Tensor:
     return torch.cat((mm.positions(block.id, row, e), mm.positions(block.id, len(block.coef_sets) + row, e)))
 
 
-def _slot_index(plan, mm: Matmuls, i: int, cells) -> Tensor:
-    """Where every entry of slot i's weight (row-major) is in the matmul output: its cells, concatenated."""
+def _slot_index(plan, mm: Matmuls, i: int, cells, channels_last: bool = False) -> Tensor:
+    """Where every entry of slot i's weight is in the matmul output: its cells, concatenated, in row-major order,
+    or (`channels_last`: a bank made for channels_last convolutions) in channels_last order, [O, kh, kw, I].
+
+    A cell's entries are its block's product read row-major as [Ob, Ib, kh, kw], or, in a channels_last bank,
+    as [Ob, kh, kw, Ib] (the same template arithmetic, another fixed map from product entries to weight entries:
+    the model such a bank defines). Either way a slot's rows in its own order are runs of consecutive product
+    entries, whole rows of the assembly."""
     spec = plan.slots[i]
-    kk = spec.numel // (spec.shape[0] * spec.shape[1])
-    grid = torch.empty(spec.shape[0], spec.shape[1] * kk, dtype=torch.long)
+    out, inp = spec.shape[:2]
+    kk = spec.numel // (out * inp)
+    cl = channels_last and nhwc(spec.shape)
+    grid = torch.empty((out, kk, inp) if cl else (out, inp * kk), dtype=torch.long)
     for row in cells:
         for bid in row:
             blk = plan.blocks[bid]
-            width = blk.size // blk.shape[0]  # entries per row of the cell
-            o0, c0 = blk.out_range[0], blk.in_range[0] * kk
+            (ob, ib), o0, i0 = blk.shape[:2], blk.out_range[0], blk.in_range[0]
             pos = block_positions(mm, blk, blk.coef_sets.index(plan.slot_coef[i]))
-            grid[o0 : o0 + blk.shape[0], c0 : c0 + width] = pos.view(blk.shape[0], width)
+            if cl:
+                grid[o0 : o0 + ob, :, i0 : i0 + ib] = pos.view(ob, kk, ib)
+            else:  # (in a channels_last bank too: one input channel or a 1x1 kernel reads the same either way)
+                grid[o0 : o0 + ob, i0 * kk : (i0 + ib) * kk] = pos.view(ob, ib * kk)
     return grid.flatten()
 
 
@@ -162,7 +172,8 @@ def _copy_key(plan, i: int, cells) -> tuple:
     return plan.slots[i].shape, plan.slot_coef[i], plan.slot_group[i], tuple(map(tuple, cells))
 
 
-def _originals(plan, mm: Matmuls, slot_ids: list[int], cells) -> tuple[dict[tuple, list[int]], dict[int, Tensor]]:
+def _originals(plan, mm: Matmuls, slot_ids: list[int], cells,
+               channels_last: bool = False) -> tuple[dict[tuple, list[int]], dict[int, Tensor]]:
     """(slots generating the same numbers, the first the original; each original's matmul-output positions).
 
     Originals come in the order of their copies' first slot in the whole plan, not in the program's: a
@@ -177,15 +188,15 @@ def _originals(plan, mm: Matmuls, slot_ids: list[int], cells) -> tuple[dict[tupl
     for i in range(len(plan.slots)):
         first.setdefault(_copy_key(plan, i, plan.slot_cells(i)), i)
     copies = dict(sorted(copies.items(), key=lambda kv: first[kv[0]]))
-    return copies, {same[0]: _slot_index(plan, mm, same[0], cells[same[0]]) for same in copies.values()}
+    return copies, {same[0]: _slot_index(plan, mm, same[0], cells[same[0]], channels_last) for same in copies.values()}
 
 
-def sw_rows(plan, layout: MatmulLayout) -> int:
+def sw_rows(plan, layout: MatmulLayout, channels_last: bool = False) -> int:
     """The row unit of a plan's programs: the longest in `RUNS` (dividing the chunk) for which under `MAX_FIXES` of
     the generated entries fall in rows that are not whole matmul-output rows (they are gathered one by one)."""
     ids = list(range(len(plan.slots)))
     mm = build_matmuls(layout, lambda _: True)
-    _, index = _originals(plan, mm, ids, {i: plan.slot_cells(i) for i in ids})
+    _, index = _originals(plan, mm, ids, {i: plan.slot_cells(i) for i in ids}, channels_last)
     total = max(sum(t.numel() for t in index.values()), 1)
     for unit in [u for u in RUNS if mm.chunk % u == 0]:
         _, pos, whole = _layout(plan, mm, list(index), index, unit)
@@ -194,9 +205,12 @@ def sw_rows(plan, layout: MatmulLayout) -> int:
     return unit
 
 
-def sw_program(plan, layout: MatmulLayout, slot_ids: list[int], unit: int, storage: Storage | None = None) -> SWProgram:
+def sw_program(plan, layout: MatmulLayout, slot_ids: list[int], unit: int, storage: Storage | None = None,
+               channels_last: bool = False) -> SWProgram:
     """The program generating `slot_ids` (sorted, distinct) from only the blocks they read, in rows of `unit`
-    entries (`sw_rows`, of the whole plan), from a bank stored in `storage`'s order (`core.bank_storage`).
+    entries (`sw_rows`, of the whole plan), from a bank stored in `storage`'s order (`core.bank_storage`);
+    `channels_last`: the bank's cells are read as [Ob, kh, kw, Ib] and conv slot weights are channels_last views
+    (`_slot_index`).
 
     Duplicates are generated once: corresponding slots of the same shape (a wrn-16-4 and a wrn-10-4 slot in
     one depth bin) read the same cells with the same coefficient set, so until unsharing their weights are
@@ -208,7 +222,7 @@ def sw_program(plan, layout: MatmulLayout, slot_ids: list[int], unit: int, stora
     cells = {i: plan.slot_cells(i) for i in slot_ids}
     blocks = sorted({bid for i in slot_ids for row in cells[i] for bid in row})
     mm = build_matmuls(layout, set(blocks).__contains__, storage)
-    copies, index = _originals(plan, mm, slot_ids, cells)
+    copies, index = _originals(plan, mm, slot_ids, cells, channels_last)
     originals = list(index)
     at, pos, whole = _layout(plan, mm, originals, index, unit)
     first = pos.view(-1, unit)[:, 0]
@@ -219,6 +233,7 @@ def sw_program(plan, layout: MatmulLayout, slot_ids: list[int], unit: int, stora
     fix_at = ((pos.view(-1, unit) >= 0) & ~whole.unsqueeze(1)).flatten().nonzero().flatten()
     readers = torch.bincount(out_row, minlength=mm.out_numel // unit)
     weight_at = {i: at[same[0]] for same in copies.values() for i in same}  # a duplicate views its original's weight
+    cl = {i: channels_last and nhwc(plan.slots[i].shape) for i in slot_ids}
     order = [*originals, *(dup for same in copies.values() for dup in same[1:])]  # duplicates after the originals
     position = {i: p for p, i in enumerate(order)}
     dup_rounds = [[(position[same[k]], position[same[0]]) for same in copies.values() if len(same) > k]
@@ -227,8 +242,9 @@ def sw_program(plan, layout: MatmulLayout, slot_ids: list[int], unit: int, stora
         mm, unit, pos.numel(), rows.to(INDEX).unsqueeze(1), fix_at, pos[fix_at],
         clean[torch.argsort(out_row, stable=True)].to(INDEX), _offsets(readers), torch.tensor(originals, dtype=INDEX),
         torch.tensor([-(-plan.slots[i].numel // unit) for i in originals], dtype=torch.long),
-        Views(originals, [plan.slots[i].shape for i in originals], [at[i] for i in originals]), blocks,
-        Views(order, [plan.slots[i].shape for i in order], [weight_at[i] for i in order]), dup_rounds)
+        Views(originals, [plan.slots[i].shape for i in originals], [at[i] for i in originals], [cl[i] for i in originals]),
+        blocks, Views(order, [plan.slots[i].shape for i in order], [weight_at[i] for i in order], [cl[i] for i in order]),
+        dup_rounds)
 
 
 def _add_duplicates(grads: list[Tensor], rounds: list[list[tuple[int, int]]]) -> list[Tensor]:

@@ -73,8 +73,9 @@ class BankMethod:
     plan_type: type | None  # what reads plan.json's `bank` (`Plan`, `SSNPlan`, None: no bank)
     # the plan the config lays out over the members' slots (None: no bank)
     plan: Callable[[Config, DatasetInfo, list[SlotSpec]], AnyPlan]
-    # the ensemble on that plan (seeded by `train.seed`)
-    build: Callable[[Config, DatasetInfo, list[nn.Module], list[str], AnyPlan], StackedEnsemble]
+    # the ensemble on that plan (seeded by `train.seed`); its last argument: whether the convolutions will run in
+    # channels_last (a SuperWeight bank then generates channels_last weights; the others ignore it)
+    build: Callable[[Config, DatasetInfo, list[nn.Module], list[str], AnyPlan, bool], StackedEnsemble]
     # the method's fields of `plan_summary` (`plan --json`)
     summary: Callable[[Config, list[SlotSpec], AnyPlan, Counts], dict]
     # a saved plan laid out again, to check it (`ensemble.checkpoint`), and how (FROM_CONFIG / FROM_LEARNED)

@@ -124,7 +124,7 @@ def epoch_line(row: dict, epochs: int) -> str:
 
 
 def _fresh(config: Config, data: DataSplits, plan, device, epochs: int, accel: Accelerator):
-    model = accel.prepare(build_ensemble(config, data.info, plan).to(device))
+    model = accel.prepare(build_ensemble(config, data.info, plan, accel.channels_last).to(device))
     optimizer, scheduler = make_optimizer(model, config, len(data.train), epochs=epochs)
     return model, optimizer, scheduler
 

@@ -32,7 +32,7 @@ def reference_init_(module: nn.Module) -> None:
             m.bias.zero_()
 
 
-def full_build(config, info, members, names, plan: None) -> StackedEnsemble:
+def full_build(config, info, members, names, plan: None, channels_last: bool = False) -> StackedEnsemble:
     for m in members:
         reference_init_(m)
     return StackedEnsemble(members, names, info.mean, info.std, exit_weights=config.ensemble.exit_weights)

@@ -41,7 +41,8 @@ def ssn_plan(config: Config, info: DatasetInfo, slots: list[SlotSpec]) -> SSNPla
     return make_ssn_plan(config, info, b.upsample, b.ssn_groups, b.max_templates, b.budget, slots=slots)
 
 
-def ssn_build(config, info, members, names, plan: SSNPlan) -> SSNEnsemble:
+def ssn_build(config, info, members, names, plan: SSNPlan, channels_last: bool = False) -> SSNEnsemble:
+    """(`channels_last`: ignored: SSN weights are generated row-major; a channels_last convolution converts them.)"""
     generator = torch.Generator().manual_seed(config.train.seed)
     return SSNEnsemble(members, names, info.mean, info.std, plan, generator, exit_weights=config.ensemble.exit_weights)
 

@@ -21,10 +21,10 @@ def superweights_plan(config: Config, info: DatasetInfo, slots: list[SlotSpec]) 
                       share_coefficients=b.share_coefficients)
 
 
-def superweights_build(config, info, members, names, plan: Plan) -> SuperWeightEnsemble:
+def superweights_build(config, info, members, names, plan: Plan, channels_last: bool = False) -> SuperWeightEnsemble:
     generator = torch.Generator().manual_seed(config.train.seed)
     return SuperWeightEnsemble(members, names, info.mean, info.std, plan, generator,
-                               exit_weights=config.ensemble.exit_weights)
+                               exit_weights=config.ensemble.exit_weights, channels_last=channels_last)
 
 
 def superweights_summary(config: Config, slots, plan: Plan, c: Counts) -> dict:

@@ -90,15 +90,17 @@ def make_plan(config: Config, info: DatasetInfo, slots: list[SlotSpec] | None = 
     return method_of(config).plan(config, info, slots if slots is not None else member_slots(config, info))
 
 
-def build_ensemble(config: Config, info: DatasetInfo, plan: AnyPlan = None) -> StackedEnsemble:
+def build_ensemble(config: Config, info: DatasetInfo, plan: AnyPlan = None, channels_last: bool = False) -> StackedEnsemble:
     """Build the model the config asks for, on `plan` (e.g. from plan.json; default: the config's own plan);
-    seeded by `train.seed` (same seed, same weights)."""
+    seeded by `train.seed` (same seed, same weights). `channels_last`: the convolutions will run in channels_last
+    (`Accelerator.channels_last`), so a SuperWeight bank generates its conv weights in that order (a bank loaded
+    from a checkpoint keeps the order it was saved with)."""
     method = method_of(config)
     members, names = build_members(config, info)
     if method.has_bank:
         plan = plan if plan is not None else method.plan(config, info, member_slots(config, info))
         check_plan_fits(plan, members, names)
-    return method.build(config, info, members, names, plan)
+    return method.build(config, info, members, names, plan, channels_last)
 
 
 def plan_summary(config: Config, info: DatasetInfo, plan: AnyPlan = None, before_training: bool = False,

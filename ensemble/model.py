@@ -102,10 +102,11 @@ class SuperWeightEnsemble(StackedEnsemble):
     `forward(slots=...)` (the requested slots' weights, None elsewhere) so only those are generated."""
 
     def __init__(self, members, names, mean, std, plan: Plan, generator: torch.Generator | None = None,
-                 bank: nn.Module | None = None, exit_weights: tuple[float, ...] | list[float] = ()):
+                 bank: nn.Module | None = None, exit_weights: tuple[float, ...] | list[float] = (),
+                 channels_last: bool = False):
         super().__init__(members, names, mean, std, exit_weights)
         self.plan = plan
-        self.bank = bank if bank is not None else SuperWeightBank(plan, generator)
+        self.bank = bank if bank is not None else SuperWeightBank(plan, generator, channels_last)
         self.slots_of = [plan.member_slots(i) for i in range(len(members))]
         self.bindings = [
             SlotBinding(m, [plan.slots[i].name for i in ids]) for m, ids in zip(self.members, self.slots_of)

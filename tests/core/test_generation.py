@@ -93,6 +93,47 @@ def test_batched_generation_equals_the_reference_weights_and_gradients(family, b
                 torch.testing.assert_close(x, y, rtol=0, atol=1e-6, msg=kind)
 
 
+@pytest.mark.parametrize("budget", [0.01, 0.5, 2.0])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_channels_last_banks_generate_channels_last_weights_equal_to_the_reference(family, budget):
+    """A bank made for channels_last convolutions reads each cell as [Ob, kh, kw, Ib]: its conv weights are
+    channels_last views (no convolution converts them), equal to the reference's reading of the same products
+    (weights and gradients), each slot the same numbers as the row-major bank's, in another arrangement within
+    its cells (so the same gains: the same init std); linear and 1x1 slots unchanged. A member-parallel subset
+    is the full program bit for bit, as in row-major banks."""
+    slots = family_slots(family)
+    plan = build_plan(slots, budget)
+    rows = SuperWeightBank(plan, torch.Generator().manual_seed(0))
+    bank = SuperWeightBank(plan, torch.Generator().manual_seed(0), channels_last=True)
+    assert torch.equal(bank.gains, rows.gains) and torch.equal(bank.bank, rows.bank)
+    new, old, plain = bank(), ReferenceGenerator(bank)(), rows()
+    for i, (a, b, c) in enumerate(zip(new, old, plain)):
+        shape = plan.slots[i].shape
+        permuted = len(shape) == 4 and shape[1] > 1 and shape[2] * shape[3] > 1
+        assert a.is_contiguous(memory_format=torch.channels_last if len(shape) == 4 else torch.contiguous_format)
+        assert a.is_contiguous() == (not permuted), i
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=f"slot {i}")
+        assert torch.equal(a.flatten().sort()[0], c.flatten().sort()[0]), i
+        if not permuted:
+            assert torch.equal(a, c), i
+    assert any(len(s.shape) == 4 and s.shape[1] > 1 and s.shape[2] > 1 for s in plan.slots) == (family != "mlp")
+    ga, gb = loss_grads(bank, new), loss_grads(bank, old)
+    for x, y in zip(ga, gb):
+        torch.testing.assert_close(x, y, rtol=0, atol=1e-5 * max(1.0, y.abs().max().item()))
+    # the order is the weights': a row-major bank loading them (a resume with train.channels_last flipped, or
+    # `evaluate` on a CPU) becomes a channels_last one and generates the same tensors
+    other = SuperWeightBank(plan, torch.Generator().manual_seed(3))
+    other.load_state_dict(bank.state_dict())
+    assert int(other.channels_last) == 1
+    assert all(torch.equal(a, b) and a.stride() == b.stride() for a, b in zip(other(), new))
+    thin = plan.member_slots(1)
+    part = bank(slots=thin)
+    assert all(torch.equal(part[i], new[i]) for i in thin)
+    g_part = loss_grads(bank, part)
+    g_full = loss_grads(bank, [w if i in thin else None for i, w in enumerate(bank())])
+    assert torch.equal(g_part[0], g_full[0]) and torch.equal(g_part[1], g_full[1])
+
+
 def test_subset_generation_equals_the_reference_subset():
     for kind, bank in banks("mobilenetv2", 0.5):
         ref = ReferenceGenerator(bank)

@@ -87,8 +87,10 @@ def test_member_parallel_subsets_equal_the_full_program_on_cuda():
 @pytest.mark.parametrize("method", ["superweights", "ssn", "full"])
 def test_training_on_cuda_in_fp32_matches_the_cpu(method):
     """Two epochs of the loop on the GPU and on the CPU from the same seed: the same ensemble up to the rounding
-    that different kernels accumulate (the test accuracies within 2 of 20 images per class)."""
-    results = {d: fit(cfg(*TINY, f"bank.method={method}"), None, device=d, progress=False, log=lambda s: None)
+    that different kernels accumulate (the test accuracies within 2 of 20 images per class). channels_last on both
+    (CUDA's default): a SuperWeight bank made for it is another model than a row-major one."""
+    results = {d: fit(cfg(*TINY, f"bank.method={method}", "train.channels_last=true"), None, device=d,
+                      progress=False, log=lambda s: None)
                for d in ("cpu", "cuda")}
     gpu, cpu = results["cuda"], results["cpu"]
     assert next(gpu.model.parameters()).device.type == "cuda"
@@ -100,16 +102,18 @@ def test_training_on_cuda_in_fp32_matches_the_cpu(method):
 @pytest.mark.parametrize("method", ["superweights", "full"])
 def test_bf16_channels_last_training_on_cuda_keeps_generation_in_fp32(method, tmp_path):
     """bf16 autocast with channels_last (the CUDA default): finite losses, the bank and its generation in fp32,
-    plain conv weights in channels_last (generated ones are views of the bank's flat buffer, in NCHW order), and
-    the checkpoint loads back on a CPU (what `superweights evaluate` / `serve` do by default) with the same
-    test metrics."""
+    conv weights in channels_last (a SuperWeight bank made for it generates them so), and the checkpoint loads
+    back on a CPU (what `superweights evaluate` / `serve` do by default) with the same test metrics."""
     result = fit(cfg(*TINY, "train.precision=bf16", f"bank.method={method}"), tmp_path / "run", device="cuda",
                  progress=False, log=lambda s: None)
     model = result.model
     assert all(torch.isfinite(torch.tensor(h["train_loss"])) for h in result.history)
     if method == "superweights":
         assert model.bank.bank.dtype == torch.float32 and model.bank.bank.device.type == "cuda"
-        assert all(w.dtype == torch.float32 for w in model.bank() if w is not None)
+        assert int(model.bank.channels_last) == 1
+        weights = [w for w in model.bank() if w is not None]
+        assert all(w.dtype == torch.float32 for w in weights)
+        assert all(w.is_contiguous(memory_format=torch.channels_last) for w in weights if w.dim() == 4)
     else:
         convs = [m for m in model.members.modules() if isinstance(m, torch.nn.Conv2d)]
         assert convs and all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)

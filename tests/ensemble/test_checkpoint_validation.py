@@ -191,6 +191,7 @@ def test_learned_layouts_load_and_are_still_checked(learned, ssn_learned, tmp_pa
          "bank.storage does not rank the blocks 0, 1, 2, ...: not a storage order"),
         (lambda s: s["bank.storage"].__setitem__(0, s["bank.storage"][:-1].max() + 1),  # the stem: 144 entries
          "bank.storage stores block 0 as an operand, but its templates are not disjoint slices of whole chunks"),
+        (lambda s: s["bank.channels_last"].fill_(2), "bank.channels_last must be 0 or 1, got 2"),
     ],
 )
 def test_a_tampered_storage_order_is_a_one_line_error(stored, tmp_path, capsys, edit, message):
@@ -203,8 +204,8 @@ def test_a_tampered_storage_order_is_a_one_line_error(stored, tmp_path, capsys, 
 
 
 def test_weights_saved_before_the_storage_order_load_in_logical_order(stored, tmp_path):
-    """Weights written before the bank had a storage order (`core.bank_storage`): the bank in logical order and
-    no bank.storage. They load as such, and generate the same weights."""
+    """Weights written before the bank had a storage order (`core.bank_storage`) and channels_last banks: the bank
+    in logical order, no bank.storage, no bank.channels_last. They load as such, and generate the same weights."""
     import torch
 
     _, _, model, _ = load_checkpoint(stored)
@@ -213,10 +214,10 @@ def test_weights_saved_before_the_storage_order_load_in_logical_order(stored, tm
 
     def legacy(state):
         state["bank.bank"] = logical
-        del state["bank.storage"]
+        del state["bank.storage"], state["bank.channels_last"]
 
     _, _, old, _ = load_checkpoint(tampered(stored, tmp_path / "legacy", weights=legacy))
-    assert (old.bank.storage[:-1] == -1).all()
+    assert (old.bank.storage[:-1] == -1).all() and int(old.bank.channels_last) == 0
     with torch.no_grad():
         for a, b in zip(old.bank(), model.bank()):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-6)

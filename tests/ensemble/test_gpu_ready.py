@@ -64,7 +64,7 @@ def test_bf16_trains_on_cpu():
     assert len(result.history) == 1 and torch.isfinite(torch.tensor(result.history[0]["train_loss"]))
 
 
-@pytest.mark.parametrize("method", ["full", "superweights"])
+@pytest.mark.parametrize("method", ["full", "ssn"])
 def test_channels_last_gives_the_contiguous_loss(method):
     a = _fit(f"bank.method={method}", "train.channels_last=false")
     b = _fit(f"bank.method={method}", "train.channels_last=true")
@@ -73,6 +73,30 @@ def test_channels_last_gives_the_contiguous_loss(method):
     if method == "full":  # conv weights are members' parameters: they are stored NHWC
         conv = next(m for m in b.model.members[0].modules() if isinstance(m, torch.nn.Conv2d))
         assert conv.weight.is_contiguous(memory_format=torch.channels_last) and conv.weight.dim() == 4
+
+
+def test_channels_last_superweights_generate_channels_last_weights(batch):
+    """`train.channels_last = true` makes the SuperWeight bank one for channels_last convolutions (its cells read
+    as [Ob, kh, kw, Ib]): its 3x3 conv weights come out as channels_last views of the flat buffer, so no
+    convolution converts them. The memory format still changes nothing computed: the same bank run with
+    row-major convolutions gives the same loss and gradients."""
+    result = _fit("train.channels_last=true")
+    bank = result.model.bank
+    assert int(bank.channels_last) == 1 and int(_fit().model.bank.channels_last) == 0
+    convs = [w for w, s in zip(bank(), result.model.plan.slots) if len(s.shape) == 4 and s.shape[1] > 1 and s.shape[2] > 1]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous() for w in convs)
+    info, (x, y) = batch
+    losses, grads = [], []
+    for members_cl in (False, True):
+        model = build_ensemble(cfg(*TINY), info, channels_last=True)
+        accel = Accelerator(cfg(*TINY, f"train.channels_last={str(members_cl).lower()}"), torch.device("cpu"))
+        accel.prepare(model)
+        loss, _ = model_loss(model, accel.inputs(x), y)
+        loss.backward()
+        losses.append(loss.item())
+        grads.append(model.bank.bank.grad.clone())
+    assert abs(losses[0] - losses[1]) < 1e-5 * abs(losses[0])
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=1e-5 * grads[0].abs().max().item())
 
 
 def test_channels_last_defaults_to_cuda_only():

@@ -5,7 +5,7 @@ import pytest
 import ensemble.training as training
 from ray_jobs import cli
 
-from .conftest import TWO_MEMBERS, set_args, train_refusal
+from .conftest import TWO_MEMBERS, set_args, train_refusal  # noqa: F401  (fixtures below)
 
 TINY = [TWO_MEMBERS, "train.epochs=1", "data.train_per_class=10"]
 
@@ -26,3 +26,35 @@ def test_bf16_channels_last_compile_train_through_the_cli(tmp_path, capfd, monke
     assert code == 0, captured.err
     assert "warning: train.compile" not in captured.err
     assert (tmp_path / "out" / "weights.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_channels_last_superweights_through_default_workers_and_evaluate(ray_connected, mlflow_uri, tmp_path, capsys):
+    """`superweights train --set train.channels_last=true` on its default 2 Ray workers (member-parallel): the
+    bank is made for channels_last convolutions (saved as bank.channels_last = 1), the workers' weights are the
+    in-process loop's, and `superweights evaluate` (a row-major CPU process by default) reads the checkpoint back
+    to the metrics training reported."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from ensemble.config import load_config
+    from ensemble.loop import fit
+
+    from .test_train_ray import assert_same_weights
+
+    overrides = [*TINY, "train.channels_last=true"]
+    out = tmp_path / "out"
+    code = cli.main(["train", "--quiet", "--name", "cl", "--storage-path", str(tmp_path / "runs"), "--out", str(out),
+                     "--tracking-uri", mlflow_uri, *set_args(*overrides)])
+    printed = capsys.readouterr().out
+    assert code == 0 and "2 Ray workers = 2 member group(s)" in printed
+    assert int(load_file(str(out / "weights.safetensors"))["bank.channels_last"]) == 1
+    ref = fit(load_config(None, overrides), None, progress=False, log=lambda s: None)
+    assert int(ref.model.bank.channels_last) == 1
+    assert_same_weights(out, ref.model)
+    assert cli.main(["evaluate", str(out), "--out", str(tmp_path / "eval"), "--tracking-uri", mlflow_uri]) == 0
+    trained = json.loads((out / "metrics.json").read_text())["ensemble"]
+    evaluated = json.loads((tmp_path / "eval" / "summary.json").read_text())["plain"]  # (the plain mean's)
+    assert evaluated["final_accuracy"] == trained["accuracy"]
+    assert evaluated["nll"] == pytest.approx(trained["nll"], rel=1e-6)
