@@ -128,13 +128,15 @@ def test_compile_covers_every_member_of_a_large_same_class_ensemble(monkeypatch,
         return gm.forward
 
     monkeypatch.setattr(training, "COMPILE_BACKEND", counting)
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)  # the default, whatever ran before
     torch._dynamo.reset()
     names = ["wrn-10-1", "wrn-10-2", "wrn-10-3", "wrn-10-4", "wrn-16-1", "wrn-16-2", "wrn-16-3", "wrn-22-1",
              "wrn-22-2", "wrn-28-1"]
     members = "ensemble.members=[" + ",".join(f'"{n}"' for n in names) + "]"
-    result = fit(cfg(members, "train.epochs=1", "data.train_per_class=10", "train.compile=true"), None,
-                 progress=False, log=lambda s: None)
+    # the default limit, whatever ran before (dynamo's own patcher: pytest's monkeypatch on its config module
+    # breaks the module for every later reader)
+    with torch._dynamo.config.patch(recompile_limit=8):
+        result = fit(cfg(members, "train.epochs=1", "data.train_per_class=10", "train.compile=true"), None,
+                     progress=False, log=lambda s: None)
     err = capfd.readouterr().err
     assert "recompile_limit" not in err and "warning" not in err, err
     assert len(graphs) >= 10 and len(result.history) == 1
