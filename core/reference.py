@@ -142,5 +142,5 @@ class ReferenceGenerator:
                     w = torch.cat((theta, cyclic(theta, 0, s - p) * coefs[i]))
                 else:
                     w = inter_upsample(cyclic(theta, lay.phase, lay.grid[0] * lay.grid[1]).view(lay.grid), spec.shape)
-                raw[i] = w.view(spec.shape)
+                raw[i] = w.view(spec.shape) if lay.mode == "inter" else self._cell(w, spec.shape)
         return raw

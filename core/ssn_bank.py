@@ -36,7 +36,10 @@ class SSNBank(nn.Module):
     generation it replaced.
     """
 
-    def __init__(self, plan: SSNPlan, generator: torch.Generator | None = None, coef_init: str = "random"):
+    def __init__(self, plan: SSNPlan, generator: torch.Generator | None = None, coef_init: str = "random",
+                 channels_last: bool = False):
+        """`channels_last`: as `core.bank.SuperWeightBank`'s: wavg, repeat and mask conv weights are read as
+        [O, kh, kw, I] and handed out channels_last (saved as the buffer `channels_last`)."""
         super().__init__()
         if coef_init not in ("random", "uniform"):
             raise ValueError(f"coef_init must be random or uniform, got {coef_init!r}")
@@ -45,6 +48,7 @@ class SSNBank(nn.Module):
         self.bank = nn.Parameter(torch.empty(plan.budget))
         self.coefficients = nn.Parameter(torch.empty(plan.coefficient_params))
         self.register_buffer("gains", torch.ones(len(plan.slots)))
+        self.register_buffer("channels_last", torch.tensor(int(channels_last)))
         self._group_sizes = [g.params for g in plan.groups]
         self._coef_sizes = [lay.coef_count for lay in plan.slot_layout]
         self._build_index()
@@ -65,8 +69,18 @@ class SSNBank(nn.Module):
             ids = list(range(n)) if key is None else sorted(set(key))
             if ids and not 0 <= ids[0] <= ids[-1] < n:
                 raise IndexError(f"slot ids must be in [0, {n}), got {key}")
-            hit = self._programs[key] = ssn_program(self.plan, self._layout, ids) if ids else None
+            hit = self._programs[key] = (ssn_program(self.plan, self._layout, ids, bool(self.channels_last))
+                                         if ids else None)
         return None if hit is None else hit.to(self.bank.device)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        state_dict.setdefault(prefix + "channels_last", torch.tensor(0))  # (saved before channels_last banks)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        self._programs = {}
+        if int(self.channels_last) not in (0, 1):
+            error_msgs.append(f"bank.channels_last must be 0 or 1, got {int(self.channels_last)}")
 
     def group_vectors(self) -> tuple[Tensor, ...]:
         return torch.split(self.bank, self._group_sizes)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .chunked_matmul import SCATTER, Item, MatmulLayout, Matmuls, _Matmul, build_matmuls
-from .flat_views import Views, _flat_grads
+from .flat_views import Views, _flat_grads, nhwc
 from .run_gather import INDEX
 
 
@@ -69,14 +69,20 @@ class SSNProgram:
         return hit
 
 
-def ssn_program(plan, layout: MatmulLayout, slot_ids: list[int]) -> SSNProgram:
-    """The program generating `slot_ids` (sorted, distinct)."""
+def ssn_program(plan, layout: MatmulLayout, slot_ids: list[int], channels_last: bool = False) -> SSNProgram:
+    """The program generating `slot_ids` (sorted, distinct). `channels_last`: a bank for channels_last convolutions
+    reads a wavg, repeat or mask slot's vector as [O, kh, kw, I] and hands it out as a channels_last view of the
+    same memory (no copy either way); inter slots stay row-major (their interpolation runs over [O, I kh kw])."""
     wanted = set(slot_ids)
+
+    def cl(ids: list[int]) -> list[bool]:
+        return [channels_last and nhwc(plan.slots[i].shape) for i in ids]
+
     mm = build_matmuls(layout, wanted.__contains__)
     c = mm.chunk
     w_slots = sorted((i for i in slot_ids if plan.slot_layout[i].mode == "wavg"), key=lambda i: mm.place[i][0])
     w_offsets = [mm.place[i][0] for i in w_slots]
-    wavg = Views(w_slots, [plan.slots[i].shape for i in w_slots], w_offsets)
+    wavg = Views(w_slots, [plan.slots[i].shape for i in w_slots], w_offsets, cl(w_slots))
     wavg_gain = torch.zeros(mm.out_numel // c, dtype=torch.long)
     for i, o in zip(w_slots, w_offsets):
         wavg_gain[o // c : o // c + -(-plan.slots[i].numel // c)] = i
@@ -110,7 +116,7 @@ def ssn_program(plan, layout: MatmulLayout, slot_ids: list[int]) -> SSNProgram:
         buckets.append((grid, shape, ids, torch.tensor(ids, dtype=INDEX)))
     def cat(ps, dtype):
         return torch.cat(ps).to(dtype) if ps else torch.zeros(0, dtype=dtype)
-    return SSNProgram(mm, wavg, wavg_gain.to(INDEX), Views(d_slots, [plan.slots[i].shape for i in d_slots], d_offsets),
+    return SSNProgram(mm, wavg, wavg_gain.to(INDEX), Views(d_slots, [plan.slots[i].shape for i in d_slots], d_offsets, cl(d_slots)),
                       cat(d_parts, SCATTER), cat(m_parts, SCATTER) if m_parts else None, cat(owners, INDEX), start,
                       buckets)
 

@@ -42,9 +42,9 @@ def ssn_plan(config: Config, info: DatasetInfo, slots: list[SlotSpec]) -> SSNPla
 
 
 def ssn_build(config, info, members, names, plan: SSNPlan, channels_last: bool = False) -> SSNEnsemble:
-    """(`channels_last`: ignored: SSN weights are generated row-major; a channels_last convolution converts them.)"""
     generator = torch.Generator().manual_seed(config.train.seed)
-    return SSNEnsemble(members, names, info.mean, info.std, plan, generator, exit_weights=config.ensemble.exit_weights)
+    return SSNEnsemble(members, names, info.mean, info.std, plan, generator, exit_weights=config.ensemble.exit_weights,
+                       channels_last=channels_last)
 
 
 def ssn_summary(plan: SSNPlan, member_names: list[str]) -> dict:

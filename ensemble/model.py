@@ -194,6 +194,7 @@ class SSNEnsemble(SuperWeightEnsemble):
     `materialize()` (plain members, standard parameter counts, same outputs) are the parent's."""
 
     def __init__(self, members, names, mean, std, plan: SSNPlan, generator: torch.Generator | None = None,
-                 coef_init: str = "random", exit_weights: tuple[float, ...] | list[float] = ()):
-        super().__init__(members, names, mean, std, plan, bank=SSNBank(plan, generator, coef_init),
+                 coef_init: str = "random", exit_weights: tuple[float, ...] | list[float] = (),
+                 channels_last: bool = False):
+        super().__init__(members, names, mean, std, plan, bank=SSNBank(plan, generator, coef_init, channels_last),
                          exit_weights=exit_weights)

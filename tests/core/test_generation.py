@@ -134,6 +134,33 @@ def test_channels_last_banks_generate_channels_last_weights_equal_to_the_referen
     assert torch.equal(g_part[0], g_full[0]) and torch.equal(g_part[1], g_full[1])
 
 
+@pytest.mark.parametrize("upsample", UPSAMPLERS)
+def test_channels_last_ssn_banks_view_their_vectors_as_channels_last_weights(upsample):
+    """An SSN bank for channels_last convolutions reads a wavg, repeat or mask slot's vector as [O, kh, kw, I]:
+    the same memory under channels_last strides (no copy), the reference's reading, each slot the row-major
+    bank's numbers rearranged; inter slots (an interpolation over [O, I kh kw]) stay row-major."""
+    slots = family_slots("wrn")
+    plan = build_ssn_plan(slots, 0.5, ssn_groups(slots, "depth", 4), 4, upsample)
+    rows = SSNBank(plan, torch.Generator().manual_seed(0))
+    bank = SSNBank(plan, torch.Generator().manual_seed(0), channels_last=True)
+    new, old, plain = bank(), ReferenceGenerator(bank)(), rows()
+    permuted = 0
+    for i, (a, b, c) in enumerate(zip(new, old, plain)):
+        shape, mode = plan.slots[i].shape, plan.slot_layout[i].mode
+        cl = mode != "inter" and len(shape) == 4 and shape[1] > 1 and shape[2] * shape[3] > 1
+        permuted += cl
+        assert a.is_contiguous() == (not cl) and (not cl or a.is_contiguous(memory_format=torch.channels_last)), i
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=f"slot {i}")
+        assert torch.equal(a.flatten().sort()[0], c.flatten().sort()[0]) if cl else torch.equal(a, c), i
+    assert permuted > 0
+    for x, y in zip(loss_grads(bank, new), loss_grads(bank, old)):
+        if y is not None:
+            torch.testing.assert_close(x, y, rtol=0, atol=1e-5 * max(1.0, y.abs().max().item()))
+    other = SSNBank(plan, torch.Generator().manual_seed(3))
+    other.load_state_dict(bank.state_dict())
+    assert int(other.channels_last) == 1 and all(torch.equal(a, b) for a, b in zip(other(), new))
+
+
 def test_subset_generation_equals_the_reference_subset():
     for kind, bank in banks("mobilenetv2", 0.5):
         ref = ReferenceGenerator(bank)

@@ -64,31 +64,30 @@ def test_bf16_trains_on_cpu():
     assert len(result.history) == 1 and torch.isfinite(torch.tensor(result.history[0]["train_loss"]))
 
 
-@pytest.mark.parametrize("method", ["full", "ssn"])
-def test_channels_last_gives_the_contiguous_loss(method):
-    a = _fit(f"bank.method={method}", "train.channels_last=false")
-    b = _fit(f"bank.method={method}", "train.channels_last=true")
+def test_channels_last_gives_the_contiguous_loss():
+    a = _fit("bank.method=full", "train.channels_last=false")
+    b = _fit("bank.method=full", "train.channels_last=true")
     assert abs(a.history[0]["train_loss"] - b.history[0]["train_loss"]) < 1e-4
     assert abs(a.history[0]["val_nll"] - b.history[0]["val_nll"]) < 1e-4
-    if method == "full":  # conv weights are members' parameters: they are stored NHWC
-        conv = next(m for m in b.model.members[0].modules() if isinstance(m, torch.nn.Conv2d))
-        assert conv.weight.is_contiguous(memory_format=torch.channels_last) and conv.weight.dim() == 4
+    conv = next(m for m in b.model.members[0].modules() if isinstance(m, torch.nn.Conv2d))  # stored NHWC
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last) and conv.weight.dim() == 4
 
 
-def test_channels_last_superweights_generate_channels_last_weights(batch):
-    """`train.channels_last = true` makes the SuperWeight bank one for channels_last convolutions (its cells read
-    as [Ob, kh, kw, Ib]): its 3x3 conv weights come out as channels_last views of the flat buffer, so no
+@pytest.mark.parametrize("method", ["superweights", "ssn"])
+def test_channels_last_banks_generate_channels_last_weights(batch, method):
+    """`train.channels_last = true` makes the bank one for channels_last convolutions (cells, or SSN vectors,
+    read as [O, kh, kw, I]): its 3x3 conv weights come out as channels_last views of the flat buffer, so no
     convolution converts them. The memory format still changes nothing computed: the same bank run with
     row-major convolutions gives the same loss and gradients."""
-    result = _fit("train.channels_last=true")
+    result = _fit(f"bank.method={method}", "train.channels_last=true")
     bank = result.model.bank
-    assert int(bank.channels_last) == 1 and int(_fit().model.bank.channels_last) == 0
+    assert int(bank.channels_last) == 1 and int(_fit(f"bank.method={method}").model.bank.channels_last) == 0
     convs = [w for w, s in zip(bank(), result.model.plan.slots) if len(s.shape) == 4 and s.shape[1] > 1 and s.shape[2] > 1]
     assert convs and all(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous() for w in convs)
     info, (x, y) = batch
     losses, grads = [], []
     for members_cl in (False, True):
-        model = build_ensemble(cfg(*TINY), info, channels_last=True)
+        model = build_ensemble(cfg(*TINY, f"bank.method={method}"), info, channels_last=True)
         accel = Accelerator(cfg(*TINY, f"train.channels_last={str(members_cl).lower()}"), torch.device("cpu"))
         accel.prepare(model)
         loss, _ = model_loss(model, accel.inputs(x), y)
@@ -134,9 +133,12 @@ def test_compile_covers_every_member_of_a_large_same_class_ensemble(monkeypatch,
     members = "ensemble.members=[" + ",".join(f'"{n}"' for n in names) + "]"
     # the default limit, whatever ran before (dynamo's own patcher: pytest's monkeypatch on its config module
     # breaks the module for every later reader)
-    with torch._dynamo.config.patch(recompile_limit=8):
-        result = fit(cfg(members, "train.epochs=1", "data.train_per_class=10", "train.compile=true"), None,
-                     progress=False, log=lambda s: None)
+    try:
+        with torch._dynamo.config.patch(recompile_limit=8):
+            result = fit(cfg(members, "train.epochs=1", "data.train_per_class=10", "train.compile=true"), None,
+                         progress=False, log=lambda s: None)
+    finally:
+        torch._dynamo.reset()  # (its ten graphs would count against the next test's limit)
     err = capfd.readouterr().err
     assert "recompile_limit" not in err and "warning" not in err, err
     assert len(graphs) >= 10 and len(result.history) == 1
