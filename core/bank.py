@@ -101,14 +101,10 @@ class SuperWeightBank(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        # weights saved before the storage order existed are in logical order; before channels_last banks, row-major
+        # weights saved before the storage order existed are in logical order
         state_dict.setdefault(prefix + "storage", logical_code(len(self.plan.blocks)))
-        state_dict.setdefault(prefix + "channels_last", torch.tensor(0))
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
+        load_channels_last(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
         self._store, self._programs, self._rows = None, {}, None
-        if int(self.channels_last) not in (0, 1):
-            error_msgs.append(f"bank.channels_last must be 0 or 1, got {int(self.channels_last)}")
         try:
             self._storage()
         except ValueError as e:
@@ -198,6 +194,17 @@ class SuperWeightBank(nn.Module):
             self.block_coefficients(b.id).copy_(alpha)
         self.gains.fill_(1.0)
         self.gains.copy_(init_gains(self.plan.slots, self.raw_weights()))
+
+
+def load_channels_last(bank: nn.Module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                       error_msgs) -> None:
+    """`nn.Module._load_from_state_dict` for a bank with a `channels_last` buffer (both bank kinds): weights saved
+    before such banks existed are row-major (0); a value other than 0 or 1 is a one-line error."""
+    state_dict.setdefault(prefix + "channels_last", torch.tensor(0))
+    nn.Module._load_from_state_dict(bank, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                    error_msgs)
+    if int(bank.channels_last) not in (0, 1):
+        error_msgs.append(f"bank.channels_last must be 0 or 1, got {int(bank.channels_last)}")
 
 
 def template_scales(slots: list[SlotSpec], users: list[list[int]]) -> list[float]:

@@ -92,7 +92,7 @@ class ReferenceGenerator:
 
     def _cell(self, product: Tensor, shape: tuple[int, ...]) -> Tensor:
         """A block's product as its weight cell: row-major, or in a channels_last bank read as [Ob, kh, kw, Ib]."""
-        if len(shape) == 4 and int(getattr(self.bank, "channels_last", 0)):
+        if len(shape) == 4 and int(self.bank.channels_last):
             return product.view(shape[0], shape[2], shape[3], shape[1]).permute(0, 3, 1, 2)
         return product.view(shape)
 

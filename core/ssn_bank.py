@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .bank import init_gains, scale_segments, template_scales
+from .bank import init_gains, load_channels_last, scale_segments, template_scales
 from .generation import SSNProgram, matmul_layout, run_ssn, ssn_items, ssn_program
 from .ssn_plan import SSNPlan
 
@@ -75,12 +75,8 @@ class SSNBank(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        state_dict.setdefault(prefix + "channels_last", torch.tensor(0))  # (saved before channels_last banks)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
+        load_channels_last(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
         self._programs = {}
-        if int(self.channels_last) not in (0, 1):
-            error_msgs.append(f"bank.channels_last must be 0 or 1, got {int(self.channels_last)}")
 
     def group_vectors(self) -> tuple[Tensor, ...]:
         return torch.split(self.bank, self._group_sizes)

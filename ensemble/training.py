@@ -118,6 +118,12 @@ def autocast_loss(model, x: Tensor, y: Tensor, members: list[int] | None, precis
 COMPILE_BACKEND = "inductor"
 
 
+def resolve_channels_last(config: Config, device: str | torch.device) -> bool:
+    """`train.channels_last`, or where unset whether the device is a GPU (NHWC pays off there, not on a CPU)."""
+    t = config.train.channels_last
+    return torch.device(device).type == "cuda" if t is None else t
+
+
 class Accelerator:
     """What `train.precision`, `train.channels_last` and `train.compile` do to the loop, on any device.
 
@@ -135,7 +141,7 @@ class Accelerator:
         t = config.train
         self.device = torch.device(device)
         self.precision = t.precision
-        self.channels_last = self.device.type == "cuda" if t.channels_last is None else t.channels_last
+        self.channels_last = resolve_channels_last(config, self.device)
         self.compile = t.compile
         self.failed = False  # compiling failed once: eager from then on
         self._compiled: dict[int, Callable] = {}
