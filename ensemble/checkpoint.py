@@ -169,6 +169,22 @@ def _first_difference(saved, expected, at: str = "bank") -> str | None:
     return None
 
 
+def saved_channels_last(folder) -> bool | None:
+    """Whether a checkpoint's bank was made for channels_last convolutions (`core.bank.SuperWeightBank`): True or
+    False from its weights (False for weights saved before such banks), None without a bank or readable weights
+    (`load_checkpoint` says why)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(Path(folder) / "weights.safetensors"), framework="pt") as f:
+            keys = set(f.keys())
+            if "bank.bank" not in keys:
+                return None
+            return "bank.channels_last" in keys and bool(f.get_tensor("bank.channels_last"))
+    except Exception:  # (a missing or corrupt file: not this function's to report)
+        return None
+
+
 def load_checkpoint(folder, device: str | torch.device = "cpu") -> tuple[Config, DatasetInfo, StackedEnsemble, dict]:
     """(config, dataset info, model in eval mode, metrics) from a checkpoint folder; one-line errors."""
     path = Path(folder)

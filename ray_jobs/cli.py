@@ -17,7 +17,7 @@ from pathlib import Path
 from anytime.evaluate import format_table, run_evaluation
 from core.errors import SuperweightsError
 from ensemble import members as _members  # noqa: F401  (registers every architecture for `models`)
-from ensemble.checkpoint import load_plan
+from ensemble.checkpoint import load_plan, saved_channels_last
 from ensemble.config import load_config
 from ensemble.data import dataset_info
 from ensemble.methods import plan_summary
@@ -136,6 +136,9 @@ def cmd_plan(args) -> int:
     if args.checkpoint:
         config, info, plan = load_plan(args.checkpoint)  # checked against its config.json: one line if not
         summary = plan_summary(config, info, plan)
+        channels_last = saved_channels_last(args.checkpoint)
+        if channels_last is not None:
+            summary["bank_channels_last"] = channels_last
     else:
         config = _load(args)
         # a budget that `train` would refuse for this machine's memory is refused here too

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from core.errors import SuperweightsError
 from ensemble.config import RUNTIME_SECTIONS, Config, from_dict
-from ensemble.training import validate_device
+from ensemble.training import resolve_channels_last, validate_device
 
 from .layout import Layout, available_cpus, resolve_layout
 from .options import RayOptions
@@ -202,10 +202,14 @@ def train(config: Config, options: RayOptions | None = None, *, name: str | None
         where = "in this process" if workers == 0 else f"{workers} Ray worker{'s' if workers != 1 else ''}"
         log(f"parallelism: {where} = {layout.member_groups} member group(s) x {layout.data_replicas} data "
             f"replica(s) ({groups})")
+        channels_last = resolve_channels_last(config, eval_device)  # (where the workers train)
+        if channels_last and not record:  # (a resumed bank keeps the order it was saved with)
+            log("memory format: channels_last (conv members, batches and the bank's generated conv weights)")
         if uri:
             ratio = summary.get("budget_ratio", 1.0)
             tags = {"method": config.bank.method, "budget_ratio": f"{ratio:.6g}", "members": ",".join(labels),
-                    "workers": workers, "member_groups": layout.member_groups, "data_replicas": layout.data_replicas}
+                    "workers": workers, "member_groups": layout.member_groups, "data_replicas": layout.data_replicas,
+                    "channels_last": str(channels_last).lower()}
             params = {**config.flat(), **plan_params(summary, labels)}
             run_id = start_run(uri, experiment=experiment, run_name=run_name, params=params, tags=tags,
                                resume_run_id=record.get("mlflow_run_id") if record else None)

@@ -18,6 +18,9 @@ def format_plan(s: dict) -> str:
         f"{'total_params':<34}{s['total_params']:>14,}  ({100 * s['total_params'] / full:.1f}% of full)",
         f"{'full_ensemble_params':<34}{full:>14,}",
     ]
+    if "bank_channels_last" in s:  # (`plan --from`: what the saved weights say)
+        lines.append("bank weights: " + ("channels_last (cells read as [O, kh, kw, I])" if s["bank_channels_last"]
+                                         else "row-major"))
     if "coefficient_sets" in s:
         lines.append(f"grouping {s['grouping']}: {len(s['groups'])} groups; {s['coefficient_sets']} coefficient sets, "
                      f"{s['shared_slot_pairs']} slot pairs sharing coefficients")

@@ -5,7 +5,7 @@ import pytest
 import ensemble.training as training
 from ray_jobs import cli
 
-from .conftest import TWO_MEMBERS, set_args, train_refusal  # noqa: F401  (fixtures below)
+from .conftest import TWO_MEMBERS, mlflow_run, set_args, train_refusal
 
 TINY = [TWO_MEMBERS, "train.epochs=1", "data.train_per_class=10"]
 
@@ -49,7 +49,12 @@ def test_channels_last_superweights_through_default_workers_and_evaluate(ray_con
                      "--tracking-uri", mlflow_uri, *set_args(*overrides)])
     printed = capsys.readouterr().out
     assert code == 0 and "2 Ray workers = 2 member group(s)" in printed
+    assert "memory format: channels_last (conv members, batches and the bank's generated conv weights)" in printed
     assert int(load_file(str(out / "weights.safetensors"))["bank.channels_last"]) == 1
+    run_id = json.loads((tmp_path / "runs" / "cl" / "superweights_run.json").read_text())["mlflow_run_id"]
+    assert mlflow_run(mlflow_uri, run_id).data.tags["channels_last"] == "true"
+    assert cli.main(["plan", "--from", str(out)]) == 0
+    assert "bank weights: channels_last (cells read as [O, kh, kw, I])" in capsys.readouterr().out
     ref = fit(load_config(None, overrides), None, progress=False, log=lambda s: None)
     assert int(ref.model.bank.channels_last) == 1
     assert_same_weights(out, ref.model)

@@ -61,6 +61,7 @@ def test_gradient_grouping_gives_the_same_learned_plan_on_every_layout(ray_conne
     assert cli_main(["plan", "--from", str(tmp_path / "cli")]) == 0
     shown = capsys.readouterr().out
     assert f"grouping gradient: {len(ref.model.plan.groups)} groups" in shown
+    assert "bank weights: row-major" in shown  # (a CPU run, train.channels_last unset)
     assert f"{'bank_params':<34}{depth.budget:>14,}" in shown
 
     for name, options in (("grad-dp", RayOptions(workers=2, member_groups=1)), ("grad-local", RayOptions(workers=0))):
