@@ -62,7 +62,8 @@ def banks(family: str, budget: float):
 
 def loss_grads(bank, weights, seed=3):
     g = torch.Generator().manual_seed(seed)
-    loss = sum((w * torch.randn(w.shape, generator=g, dtype=w.dtype)).sum() for w in weights if w is not None)
+    # (noise drawn on the CPU, so every device sees the same loss)
+    loss = sum((w * torch.randn(w.shape, generator=g, dtype=w.dtype).to(w.device)).sum() for w in weights if w is not None)
     bank.zero_grad(set_to_none=True)
     loss.backward()
     coef = bank.coefficients.grad

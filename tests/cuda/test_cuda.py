@@ -18,25 +18,13 @@ from ensemble.checkpoint import load_checkpoint
 from ensemble.data import load_data
 from ensemble.loop import fit
 from ensemble.training import evaluate
-from tests.core.test_generation import DIGITS, banks, traced
+from tests.core.test_generation import DIGITS, banks, loss_grads, traced
 from tests.ensemble.conftest import cfg
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device (bench/device_check.sh)")]
 
 TINY = ('ensemble.members=["wrn-10-1","wrn-10-2"]', "train.epochs=2", "data.train_per_class=10")
-
-
-def loss_grads(bank, weights, seed=3):
-    """(bank gradient, coefficient gradient) of a fixed random linear loss of the weights (noise drawn on the CPU,
-    so every device sees the same loss)."""
-    g = torch.Generator().manual_seed(seed)
-    loss = sum((w * torch.randn(w.shape, generator=g, dtype=w.dtype).to(w.device)).sum()
-               for w in weights if w is not None)
-    bank.zero_grad(set_to_none=True)
-    loss.backward()
-    coef = bank.coefficients.grad
-    return bank.bank.grad.clone(), None if coef is None else coef.clone()
 
 
 @pytest.fixture(autouse=True)
