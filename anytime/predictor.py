@@ -113,15 +113,31 @@ class AnytimePredictor:
         """Measured milliseconds of every step on inputs shaped like `x` (median of `repeats`), cached."""
         key = (tuple(x.shape), x.dtype, str(self.device))
         if key not in self._times:
-            runs = [self._run(x, len(self.steps), None, timed=True)[1] for _ in range(repeats + 1)][1:]
-            self._times[key] = [statistics.median(r[i] for r in runs) for i in range(len(self.steps))]
+            self._times[key] = self._measure(x, repeats)[0]
         return self._times[key]
 
+    def _measure(self, x: Tensor, repeats: int, choices: list[list] | None = None) -> list[list[float]]:
+        """Milliseconds of every step on `x` (median of `repeats` runs after one discarded warm-up run) for each
+        list of step-wise members in `choices` (default: the one `_members_for` gives), their runs interleaved
+        so that machine noise and cache state hit them alike."""
+        choices = choices if choices is not None else [self._members_for(len(x))]
+        runs: list[list[list[float]]] = [[] for _ in choices]
+        for _ in range(repeats + 1):
+            for members, out in zip(choices, runs):
+                out.append(self._run(x, len(self.steps), None, timed=True, members=members)[1])
+        return [[statistics.median(r[i] for r in out[1:]) for i in range(len(self.steps))] for out in runs]
+
+    def _members_for(self, batch: int) -> list:
+        """The step-wise members that run a batch of `batch` images (the serving predictor picks a layout)."""
+        return self.members
+
     def _run(self, x: Tensor, limit: int, deadline_ms: float | None, timed: bool = False,
-             times: list[float] | None = None, level: float | None = None):
+             times: list[float] | None = None, level: float | None = None, members: list | None = None):
         """Run up to `limit` steps; with a deadline stop before a step whose measured time cannot fit; with a
-        `level`, rows whose confidence is above it stop after each step (only the others go on).
+        `level`, rows whose confidence is above it stop after each step (only the others go on). `members`:
+        the step-wise members to run (default `_members_for(len(x))`, kept when early exit shrinks the batch).
         Returns ((steps done, probs (B, C), steps per image (B,), elapsed ms), per-step ms when `timed`)."""
+        members = members if members is not None else self._members_for(len(x))
         x = x.to(self.device)
         _sync(self.device)
         start = time.perf_counter()
@@ -139,7 +155,7 @@ class AnytimePredictor:
                 if now + times[i] > deadline_ms:
                     break
             t0 = time.perf_counter()
-            state[m], logits = self.members[m].advance(state.get(m, h0), k)
+            state[m], logits = members[m].advance(state.get(m, h0), k)
             tempered[i] = comb.temper(i, logits)
             if timed:
                 _sync(self.device)

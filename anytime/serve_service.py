@@ -26,6 +26,7 @@ from torch import Tensor
 
 from core.errors import SuperweightsError
 from ensemble.config import ServeConfig
+from ensemble.config_sections import SERVE_MEMORY_FORMATS
 from ensemble.training import validate_device
 
 from .batching import Item, MicroBatcher, QueueFull
@@ -52,6 +53,7 @@ class ServeSettings:
     deadline_safety: float = ServeConfig.deadline_safety
     input_range: tuple[float, float] | None = (0.0, 1.0)  # loader scale; None accepts any finite value
     device: str = ServeConfig.device
+    memory_format: str = ServeConfig.memory_format  # conv weights' layout: auto | contiguous | channels_last
 
     @classmethod
     def from_config(cls, serve: ServeConfig, device: str | None = None) -> ServeSettings:
@@ -62,7 +64,7 @@ class ServeSettings:
                    max_pending=serve.max_pending, deadline_margin_ms=serve.deadline_margin_ms,
                    deadline_safety=serve.deadline_safety,
                    input_range=(serve.input_range[0], serve.input_range[1]) if serve.input_range else None,
-                   device=device or serve.device)
+                   device=device or serve.device, memory_format=serve.memory_format)
 
     def __post_init__(self):
         for name in ("max_body_bytes", "max_images", "max_batch_images", "max_pending"):
@@ -75,6 +77,9 @@ class ServeSettings:
         if not (math.isfinite(self.deadline_safety) and self.deadline_safety >= 1):
             raise SuperweightsError(f"serve setting deadline_safety must be >= 1, got {self.deadline_safety}")
         validate_device(self.device)
+        if self.memory_format not in SERVE_MEMORY_FORMATS:
+            raise SuperweightsError(f"serve setting memory_format must be one of {', '.join(SERVE_MEMORY_FORMATS)}, "
+                                    f"got {self.memory_format!r}")
         if self.input_range is not None and not self.input_range[0] < self.input_range[1]:
             raise SuperweightsError(f"serve setting input_range must be (low, high) with low < high, "
                                     f"got {self.input_range}")
@@ -113,7 +118,8 @@ class AnytimeService:
         self.method = ckpt.config.bank.method
         self.input_shape = (ckpt.info.in_channels, *ckpt.info.image_size)
         self.predictor = ServingPredictor(ckpt.model, ckpt.record, self.settings.device,
-                                          safety=self.settings.deadline_safety)
+                                          safety=self.settings.deadline_safety,
+                                          memory_format=self.settings.memory_format)
         check_finite(self.predictor.model.state_dict(), f"{where} (materialised weights)")
         self.nonfinite_outputs = 0  # requests answered 503 because the model's probabilities were not finite
         s = self.settings
@@ -178,6 +184,10 @@ class AnytimeService:
                 "confidence": {"min": 0, "max": 1, "score": p.score,
                                "note": "per-input early exit: an image stops once its confidence is above this"},
             },
+            "memory_format": {"setting": p.memory_format,
+                              "by_batch_size": {str(b): f for b, f in sorted(p.formats.items())},
+                              "note": "layout of the conv weights that runs a batch of up to that many images "
+                                      "(auto: the faster one measured at start-up)"},
             "limits": {"max_body_bytes": self.settings.max_body_bytes, "max_images": self.settings.max_images,
                        "max_batch_images": self.settings.max_batch_images,
                        "batch_window_ms": self.settings.batch_window_ms},

@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from anytime.budget import KINDS, UNLIMITED  # noqa: E402
 from anytime.predictor import AnytimePredictor  # noqa: E402
+from anytime.serving_predictor import LAYOUTS  # noqa: E402
 from anytime.store import load_anytime  # noqa: E402
 from bench.common import ROOT, write_section  # noqa: E402
 
@@ -118,6 +119,15 @@ def start_ray(ckpt: Path, port: int):
         ray.shutdown()
 
     return stop
+
+
+def server_layout(url: str, images: int) -> str:
+    """The conv-weight layout the server runs a batch of `images` in (`GET /model`, measured at its start-up)."""
+    import httpx
+
+    by_batch = httpx.get(url + "/model", timeout=10).json()["memory_format"]["by_batch_size"]
+    sizes = [int(b) for b in by_batch]
+    return by_batch[str(min([b for b in sizes if b >= images] or [max(sizes)]))]
 
 
 def wait_healthy(url: str, timeout: float = 180) -> None:
@@ -308,13 +318,15 @@ def bench_server(name: str, url: str, kinds: list[tuple[str, dict | None]], inpu
         finally:
             sample.close()
         floor_proc, floor_url = start_floor(response, Path(tmp))
+        layout = server_layout(url, len(x))
+        pred.model.to(memory_format=LAYOUTS[layout])  # the direct call does the server's work, in its layout
         for label, budget in overhead_kinds(kinds):
             r = overhead_rounds(url, floor_url, pred, x, budget, args.sequential)
             same = abs(r["steps_http"] - r["steps_direct"]) < 1e-9
             over_ms, over_httpx = r["http"] - r["direct"], r["httpx"] - r["direct"]
             targets.append(over_ms <= OVERHEAD_TARGET_MS if same else None)
             verdict = {True: "yes", False: "no", None: "n/a (different steps)"}[targets[-1]]
-            over.append(f"| {name} | {label} | {r['steps_direct']:.2f} / {r['steps_http']:.2f} | {r['direct']:.3f} | "
+            over.append(f"| {name} ({layout}) | {label} | {r['steps_direct']:.2f} / {r['steps_http']:.2f} | {r['direct']:.3f} | "
                         f"{r['http']:.3f} | **{over_ms:.3f}** | {verdict} | {r['httpx']:.3f} | {over_httpx:.3f} | "
                         f"{r['floor']:.3f} |")
             print(over[-1], flush=True)
@@ -367,7 +379,8 @@ def main() -> int:
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         print("\n".join(header), flush=True)
         overhead = ["", f"Server overhead at p50 over a direct `AnytimePredictor.predict` call on the same input and "
-                        f"budget (1 request in flight, {args.sequential} rounds; each round: a round trip with "
+                        "budget, its conv weights in the layout the server runs that batch size in (`GET /model`) "
+                        f"(1 request in flight, {args.sequential} rounds; each round: a round trip with "
                         "`http.client` (keep-alive), one with httpx, one to a trivial ASGI app on uvicorn answering "
                         "the same bytes (the floor), and the direct call, order rotated every round). "
                         f"Overhead = HTTP p50 - direct p50; target <= {OVERHEAD_TARGET_MS:g} ms (issue 15):", "",

@@ -11,16 +11,20 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "BENCHMARKS.md"
 
 
-def interleaved(fns: dict, repeats: int, warmup: int = 2) -> dict[str, float]:
-    """Median seconds per call of each fn, calls interleaved so machine noise hits all of them alike."""
+def interleaved(fns: dict, repeats: int, warmup: int = 2, rotate: bool = False) -> dict[str, float]:
+    """Median seconds per call of each fn, calls interleaved so machine noise hits all of them alike; `rotate`
+    shifts the order every round, so that no fn always runs after the same other one (whose data it may find
+    in, or have evicted from, the caches)."""
     for _ in range(warmup):
         for f in fns.values():
             f()
     times = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, f in fns.items():
+    names = list(fns)
+    for i in range(repeats):
+        shift = i % len(names) if rotate else 0
+        for k in names[shift:] + names[:shift]:
             t = time.perf_counter()
-            f()
+            fns[k]()
             times[k].append(time.perf_counter() - t)
     return {k: statistics.median(v) for k, v in times.items()}
 

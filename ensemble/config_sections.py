@@ -124,6 +124,9 @@ class RayConfig:
     storage_path: str = "runs/ray"  # Ray Train checkpoints: <storage_path>/<run name>
 
 
+SERVE_MEMORY_FORMATS = ("auto", "contiguous", "channels_last")
+
+
 @dataclass(frozen=True)
 class ServeConfig:
     """`superweights serve` (uvicorn or Ray Serve); command-line flags override these. Not part of a run's
@@ -142,6 +145,9 @@ class ServeConfig:
     deadline_margin_ms: float = 1.0  # kept free at the end of a deadline for the response
     deadline_safety: float = 1.25  # measured step times are multiplied by this before a step may start
     input_range: tuple[float, ...] = (0.0, 1.0)  # [low, high] accepted input values; [] = any finite value
+    # layout of the conv weights: "auto" measures contiguous and channels_last per batch-size bucket at start-up
+    # and runs each bucket in the faster one (holds the conv weights twice); "contiguous" | "channels_last" fix it
+    memory_format: str = "auto"
     replicas: int = 1  # Ray Serve (--ray): replicas
     max_ongoing_requests: int = 16  # Ray Serve: requests a replica holds at once
     replica_cpus: float = 1.0  # Ray Serve: CPUs reserved per replica
@@ -161,6 +167,9 @@ class ServeConfig:
                   ("serve.replica_cpus", self.replica_cpus, ABOVE_0)]
         for key, value, (low, high, low_open, high_open) in checks:
             check_range(key, value, low, high, low_open, high_open)
+        if self.memory_format not in SERVE_MEMORY_FORMATS:
+            raise SuperweightsError(f"serve.memory_format must be one of {', '.join(SERVE_MEMORY_FORMATS)}, "
+                                    f"got {self.memory_format!r}")
         r = self.input_range
         if r and not (len(r) == 2 and all(math.isfinite(v) for v in r) and r[0] < r[1]):
             raise SuperweightsError(f"serve.input_range must be [low, high] with low < high (or [] for any value), "

@@ -14,6 +14,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     but MODEL and --tracking-uri/--ray has a `[serve]` config key of the same name (`--config`, `--set
     serve.port=9000`); a flag given overrides it: flag > --set > TOML > default."""
     from ensemble.config import ServeConfig
+    from ensemble.config_sections import SERVE_MEMORY_FORMATS
 
     d = ServeConfig()
     p.add_argument("model", metavar="MODEL",
@@ -31,6 +32,10 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int,
                    help=f"torch intra-op threads (default: {d.threads}; small micro-batches gain little from more, and "
                         "spinning threads slow everything down when the cores are shared)")
+    p.add_argument("--memory-format", choices=SERVE_MEMORY_FORMATS,
+                   help=f"layout of the conv weights (default: {d.memory_format}: both are measured per batch size at "
+                        "start-up and the faster runs it, holding the conv weights twice; which wins depends on the "
+                        "model, batch size and device)")
     p.add_argument("--no-access-log", action="store_true", help="do not log every request (uvicorn)")
     g = p.add_argument_group("limits and micro-batching")
     g.add_argument("--max-body-mb", type=float,
@@ -55,8 +60,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                                     "else a new local Ray)")
 
 
-_FLAG_KEYS = ("host", "port", "device", "threads", "max_body_mb", "max_images", "max_batch_images", "batch_window_ms",
-              "max_pending", "deadline_margin_ms", "replicas", "max_ongoing_requests", "replica_cpus",
+_FLAG_KEYS = ("host", "port", "device", "threads", "memory_format", "max_body_mb", "max_images", "max_batch_images",
+              "batch_window_ms", "max_pending", "deadline_margin_ms", "replicas", "max_ongoing_requests", "replica_cpus",
               "address")  # argparse dest == ServeConfig field
 
 

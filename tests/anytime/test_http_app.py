@@ -324,18 +324,22 @@ def test_non_finite_probabilities_are_a_503_logged_once_and_never_a_500(client, 
     """A model that turns NaN at run time (weights finite at load, e.g. overflow): a clear 503, not the 500 of
     serialising NaN; logged once however often it happens; the server recovers."""
     monkeypatch.setattr(service, "nonfinite_outputs", 0)
-    weight = next(p for n, p in service.predictor.model.named_parameters() if p.ndim == 4)
-    saved = weight.detach().clone()
+    name = next(n for n, p in service.predictor.model.named_parameters() if p.ndim == 4)
+    weights = [m.get_parameter(name) for m in service.predictor.layout_models.values()]  # every layout's copy
+    assert len(weights) == 2 and weights[0] is not weights[1]
+    saved = weights[0].detach().clone()
     caplog.set_level(logging.ERROR, logger="superweights.serve")
     try:
         with torch.no_grad():
-            weight.fill_(float("nan"))
+            for weight in weights:
+                weight.fill_(float("nan"))
         for budget in (None, {"ms": 5000}, None):
             r = post(client, images(2), budget)
             assert_error(r, 503, "the model's output for this request is not finite (NaN or infinity")
     finally:
         with torch.no_grad():
-            weight.copy_(saved)
+            for weight in weights:
+                weight.copy_(saved)
     logged = [r for r in caplog.records if "non-finite probabilities" in r.getMessage()]
     assert len(logged) == 1 and "answered 503" in logged[0].getMessage()
     assert client.get("/health").json()["nonfinite_outputs"] == 3

@@ -18,11 +18,11 @@ from anytime.record import ANYTIME_FILE, anytime_record
 from anytime.schedule import SCHEDULERS
 from anytime.serve_schemas import ApiError, PredictRequest, parse_request
 from anytime.serve_service import ServeSettings
-from anytime.serving_predictor import ServingPredictor
+from anytime.serving_predictor import LAYOUTS, ServingPredictor
 from anytime.store import load_anytime
 from core.errors import SuperweightsError
 from ensemble import metrics
-from ensemble.config import SCHEDULES
+from ensemble.config import SCHEDULES, load_config
 from ensemble.data import load_data
 
 SHAPE = (1, 8, 8)
@@ -115,9 +115,88 @@ def test_serving_predictor_times_batches_by_bucket(exits_ckpt):
     base = p._times[((4, *SHAPE), torch.float32, "cpu")]
     assert times == [t * 1.5 for t in base] and len(times) == len(p.steps)
     x = images(3)
-    ref = AnytimePredictor(ckpt.model, ckpt.record).predict(x, budget_flops=p.cumulative_flops[1])
+    ref = AnytimePredictor(ckpt.model, ckpt.record)
+    ref.model.to(memory_format=LAYOUTS[p.format_for(3)])  # the layout measured faster for bucket 4
+    want = ref.predict(x, budget_flops=p.cumulative_flops[1])
     got = p.predict(x, budget_flops=p.cumulative_flops[1])
-    assert got.steps == ref.steps and torch.equal(got.probs, ref.probs)
+    assert got.steps == want.steps and torch.equal(got.probs, want.probs)
+
+
+def conv_weights(model):
+    return [p for p in model.parameters() if p.ndim == 4]
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_a_fixed_memory_format_holds_the_conv_weights_once_in_that_layout(exits_ckpt, layout):
+    """Whatever layout the checkpoint's weights come in (a channels_last bank materialises channels_last):
+    one copy, in the layout asked for; predictions equal a plain predictor's of that layout bit for bit."""
+    ckpt = load_anytime(exits_ckpt[1])
+    other = "contiguous" if layout == "channels_last" else "channels_last"
+    model = ckpt.model.materialize().to(memory_format=LAYOUTS[other])
+    p = ServingPredictor(model, ckpt.record, memory_format=layout)
+    assert list(p.layout_models) == [layout] and p.layout_models[layout] is p.model
+    weights = conv_weights(p.model)
+    assert weights and all(w.is_contiguous(memory_format=LAYOUTS[layout]) for w in weights)
+    assert any(not w.is_contiguous(memory_format=LAYOUTS[other]) for w in weights)  # a real conversion
+    x = images(5, seed=3)
+    assert p.calibrate(x) and p.formats == {8: layout} and p.format_for(5) == p.format_for(300) == layout
+    ref = AnytimePredictor(ckpt.model, ckpt.record)
+    ref.model.to(memory_format=LAYOUTS[layout])
+    assert torch.equal(p.predict(x).probs, ref.predict(x).probs)
+
+
+class Slowed:
+    """A step-wise member whose every step first sleeps `ms` (a layout made slow for real)."""
+
+    def __init__(self, member, ms):
+        self.member, self.ms = member, ms
+
+    def advance(self, h, k):
+        time.sleep(self.ms / 1e3)
+        return self.member.advance(h, k)
+
+
+@pytest.mark.parametrize("slow", ["contiguous", "channels_last"])
+def test_auto_runs_each_bucket_in_the_layout_measured_faster(exits_ckpt, slow):
+    ckpt = load_anytime(exits_ckpt[1])
+    p = ServingPredictor(ckpt.model, ckpt.record, safety=1.0)
+    assert list(p.layout_models) == ["contiguous", "channels_last"] and p.memory_format == "auto"
+    a, b = (conv_weights(p.layout_models[n]) for n in p.layout_models)
+    assert all(w.is_contiguous() for w in a) and all(w.is_contiguous(memory_format=torch.channels_last) for w in b)
+    assert all(x.data_ptr() != y.data_ptr() and torch.equal(x, y) for x, y in zip(a, b))
+    assert p.format_for(1) == "contiguous" and "no batch size measured yet" in p.layout_summary()
+    p.layouts[slow] = [Slowed(m, 10.0) for m in p.layouts[slow]]  # 10 ms a step: far above a real one
+    fast = "channels_last" if slow == "contiguous" else "contiguous"
+    for n in (1, 2, 3):
+        times = p.calibrate(images(n))
+        assert p.formats[p.bucket(n)] == fast and all(t < 10.0 for t in times)  # the fast layout's times
+    assert p.formats == {1: fast, 2: fast, 4: fast} and p.format_for(64) == fast
+    assert p.layout_summary() == f"{fast} for 1-4 images"
+    assert p.predict(images(2)).elapsed_ms < 10.0 * len(p.steps)  # it runs there too
+
+
+def test_auto_layout_summary_names_each_range_and_every_layout_predicts_the_same(exits_ckpt):
+    ckpt = load_anytime(exits_ckpt[1])
+    p = ServingPredictor(ckpt.model, ckpt.record)
+    p.formats = {1: "channels_last", 2: "contiguous", 4: "contiguous", 8: "channels_last"}
+    assert p.layout_summary() == "channels_last for 1 image, contiguous for 2-4 images, channels_last for 5-8 images"
+    assert [p.format_for(n) for n in (1, 2, 3, 5, 8, 9, 200)] == [
+        "channels_last", "contiguous", "contiguous", "channels_last", "channels_last", "channels_last", "channels_last"]
+    ref = AnytimePredictor(ckpt.model, ckpt.record)
+    for n in (1, 3, 6):  # channels_last, contiguous, channels_last: the same numbers up to float rounding
+        x = images(n, seed=n)
+        torch.testing.assert_close(p.predict(x).probs, ref.predict(x).probs, atol=1e-6, rtol=0)
+
+
+def test_an_unknown_memory_format_is_a_one_line_error(exits_ckpt):
+    ckpt = load_anytime(exits_ckpt[1])
+    with pytest.raises(SuperweightsError, match="serve memory_format must be one of auto, contiguous, "
+                                                "channels_last, got 'nhwc'"):
+        ServingPredictor(ckpt.model, ckpt.record, memory_format="nhwc")
+    with pytest.raises(SuperweightsError, match="serve.memory_format must be one of auto, contiguous, channels_last"):
+        load_config(None, ['serve.memory_format="nchw"'])
+    with pytest.raises(SuperweightsError, match="serve setting memory_format must be one of"):
+        ServeSettings(memory_format="cl")
 
 
 def test_serving_predictor_estimates_grow_when_runs_are_slower_than_measured(exits_ckpt):

@@ -84,6 +84,11 @@ def test_serve_reads_serve_from_toml_then_set_then_flags(toml, monkeypatch):
     where, seen = _listens_on(monkeypatch, ["-c", str(toml), "--set", "serve.port=9200", "--port", "9300",
                                             "--host", "127.0.0.3", "--max-images", "9"])
     assert where == ("127.0.0.3", 9300) and seen["settings"].max_images == 9
+    assert seen["settings"].memory_format == "auto"
+    _, seen = _listens_on(monkeypatch, ["-c", str(toml), "--set", 'serve.memory_format="contiguous"'])
+    assert seen["settings"].memory_format == "contiguous"
+    _, seen = _listens_on(monkeypatch, ["--set", 'serve.memory_format="contiguous"', "--memory-format", "channels_last"])
+    assert seen["settings"].memory_format == seen["serve"].memory_format == "channels_last"
     where, seen = _listens_on(monkeypatch, [])
     assert where == ("127.0.0.1", 8000) and seen["settings"].input_range == (0.0, 1.0)
     assert seen["settings"] == serve_module.settings_from_args(cli.build_parser().parse_args(["serve", "m"]))
@@ -94,6 +99,8 @@ def test_serve_reads_serve_from_toml_then_set_then_flags(toml, monkeypatch):
     ("[ray]\nworker = 2\n", "unknown config key ray.worker; valid keys: "),
     ("[serve]\nprot = 1\n", "unknown config key serve.prot; valid keys: "),
     ("[serve]\nport = 70000\n", "serve.port must be in [0, 65535], got 70000"),
+    ("[serve]\nmemory_format = \"nhwc\"\n", "serve.memory_format must be one of auto, contiguous, channels_last, "
+                                           "got 'nhwc'"),
     ("[ray]\nworkers = \"two\"\n", "ray.workers must be an integer, got 'two'"),
 ])
 def test_a_bad_ray_or_serve_key_is_one_line_exit_2(tmp_path, capsys, command, body, text):

@@ -87,6 +87,7 @@ def test_cli_serves_a_checkpoint_and_stops_on_sigterm(ckpt, reference):
         line = proc.stdout.readline()  # "serving ... on http://127.0.0.1:PORT ..." once the model is loaded
         m = re.search(r"on (http://127\.0\.0\.1:\d+)", line)
         assert m, (line, proc.stderr.read() if proc.poll() is not None else "")
+        layouts = proc.stdout.readline()  # which conv-weight layout runs which batch sizes (auto: measured)
         with httpx.Client(base_url=m.group(1), timeout=20) as c:
             for _ in range(100):
                 try:
@@ -94,6 +95,12 @@ def test_cli_serves_a_checkpoint_and_stops_on_sigterm(ckpt, reference):
                         break
                 except httpx.TransportError:
                     time.sleep(0.1)
+            fmt = c.get("/model").json()["memory_format"]
+            assert fmt["setting"] == "auto" and list(fmt["by_batch_size"]) == ["1", "2", "4", "8", "16", "32", "64"]
+            assert set(fmt["by_batch_size"].values()) <= {"contiguous", "channels_last"}
+            assert re.fullmatch(r"conv weights: ((contiguous|channels_last) for [\d-]+ images?(, )?)+ "
+                                r"\(measured at start-up\)\n", layouts), layouts
+            assert f"{fmt['by_batch_size']['1']} for 1" in layouts and f"{fmt['by_batch_size']['64']} for " in layouts
             budget = reference.cumulative_flops[2]
             r = c.post("/predict", json=payload(2, {"flops": budget}))
             assert r.status_code == 200, r.text
@@ -231,7 +238,7 @@ def test_serve_loads_a_model_on_storage(ckpt, reference):
     """What `superweights serve file:///...` (or s3://...) loads, before the server listens and in each replica."""
     from ray_jobs.serve import load_service
 
-    service = load_service(f"file://{ckpt}", None, ServeSettings())
+    service = load_service(f"file://{ckpt}", None, ServeSettings(memory_format="contiguous"))  # as the reference
     assert service.predictor.steps == reference.steps
     x = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(5))
     torch.testing.assert_close(service.predictor.predict(x).probs, reference.predict(x).probs, atol=0, rtol=0)
@@ -289,9 +296,12 @@ def test_ray_cli_app_builder(ckpt):
     from ray_jobs.serve import build_app
 
     handle = serve.run(build_app({"model": str(ckpt), "replicas": "1", "max_images": "2", "batch_window_ms": "0",
-                                  "input_range": "null"}), name="builder-test", _local_testing_mode=True)
+                                  "input_range": "null", "memory_format": "channels_last", "max_batch_images": "4"}),
+                       name="builder-test", _local_testing_mode=True)
     info = handle.model_info.remote().result()
     assert info["limits"]["max_images"] == 2 and info["input_range"] is None
+    assert info["memory_format"]["setting"] == "channels_last"
+    assert info["memory_format"]["by_batch_size"] == {"1": "channels_last", "2": "channels_last", "4": "channels_last"}
     with pytest.raises(ApiError, match="limit is 2"):
         handle.predict.remote(payload(3)).result()
     with pytest.raises(SuperweightsError, match="unknown build_app arguments"):
@@ -302,7 +312,7 @@ def test_ray_cli_app_builder(ckpt):
 
 def untimed(info: dict) -> dict:
     """/model without the measured (machine-dependent) parts."""
-    return {**info, "budget": info["budget"]["flops"],
+    return {**info, "budget": info["budget"]["flops"], "memory_format": info["memory_format"]["setting"],
             "schedule": [{k: v for k, v in s.items() if k != "estimated_ms"} for s in info["schedule"]]}
 
 
