@@ -41,7 +41,8 @@ class ServingPredictor(AnytimePredictor):
     fewer steps start. FLOPs budgets behave exactly as in the base class.
 
     `memory_format`: "contiguous" or "channels_last" holds the materialised conv weights in that layout;
-    "auto" holds both (twice the conv weights' memory) and, when a bucket is measured, keeps the layout whose
+    "auto" holds both (the conv weights twice, every other tensor once; a model without convs holds only
+    "contiguous", as there is nothing to choose) and, when a bucket is measured, keeps the layout whose
     steps took less time in all (`formats`: bucket -> layout), which then runs every batch of that bucket; a
     bucket never measured uses the largest measured one's. The layouts give the same probabilities up to
     float rounding (different conv algorithms), as batch sizes do.
@@ -54,11 +55,14 @@ class ServingPredictor(AnytimePredictor):
                                     f"got {memory_format!r}")
         super().__init__(model, record, device)
         self.memory_format = memory_format
-        layouts = list(LAYOUTS) if memory_format == "auto" else [memory_format]
+        convs = any(t.ndim == 4 for t in self.model.parameters())
+        layouts = [memory_format] if memory_format != "auto" else list(LAYOUTS) if convs else ["contiguous"]
         self.model.to(memory_format=LAYOUTS[layouts[0]])  # 4-d tensors only: the conv weights
         self.layout_models = {layouts[0]: self.model}  # the first is `model`, the others copies of it
         for name in layouts[1:]:
-            self.layout_models[name] = copy.deepcopy(self.model).to(memory_format=LAYOUTS[name])
+            # only the conv weights are copied: every other tensor (BatchNorm, linear, buffers) is shared
+            shared = {id(t): t for t in [*self.model.parameters(), *self.model.buffers()] if t.ndim != 4}
+            self.layout_models[name] = copy.deepcopy(self.model, shared).to(memory_format=LAYOUTS[name])
         self.layouts = {name: self.members if m is self.model else [as_steps(x) for x in m.members]
                         for name, m in self.layout_models.items()}
         self.formats: dict[int, str] = {}  # bucket -> the layout that runs it (set when the bucket is measured)

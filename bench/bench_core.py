@@ -187,7 +187,7 @@ def main(argv=None):
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                    help="train.precision of both methods' training steps (bf16: autocast, generation in fp32)")
     p.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto",
-                   help="train.channels_last (auto: on CUDA only, the product's default)")
+                   help="train.channels_last (auto: the product's default, on)")
     p.add_argument("--compile", action="store_true", help="train.compile = true (torch.compile of the members)")
     p.add_argument("--no-write", action="store_true", help="print only, do not update BENCHMARKS.md")
     args = p.parse_args(argv)

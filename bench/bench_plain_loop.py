@@ -20,7 +20,9 @@ seed and threads), then this loop on the same batches (`--joint`), and reports b
 the median epoch seconds side by side (issue 16 item 3: ours / plain <= 1.05); `--write` puts the table in
 BENCHMARKS.md (section "plain-loop"). Like ours, the plain loop validates every epoch (the members' mean softmax
 on the same validation split, at the same `train.eval_batch_size`, in eval mode without gradients), so the
-epoch ratio compares like with like; the training steps alone are timed on both sides too.
+epoch ratio compares like with like; the training steps alone are timed on both sides too. Members and batches
+are row-major unless `--channels-last`; with `--vs-ours` the plain loop takes ours' layout (`train.channels_last`,
+on unless set false), for the same reason.
 """
 
 from __future__ import annotations
@@ -133,6 +135,9 @@ def main() -> int:
                         "baseline's init (ensemble.methods.reference_init_, the same stds); he-fan-in: our init "
                         "before 2026-12-03 (He fan_in normal everywhere); he-fan-in-convs / reference-convs: one "
                         "of those two on the convs, the other's classifier, to tell which layer an effect comes from")
+    p.add_argument("--channels-last", action="store_true",
+                   help="members and batches in channels_last memory (with --vs-ours: as ours, i.e. unless "
+                        "--set train.channels_last=false)")
     p.add_argument("--vs-ours", action="store_true", help="also train our full ensemble first; compare side by side")
     p.add_argument("--write", action="store_true", help="with --vs-ours: write the BENCHMARKS.md section")
     args = p.parse_args()
@@ -148,6 +153,9 @@ def main() -> int:
 
     cfg = load_config(args.config, args.set)
     t = cfg.train
+    if ours is not None:  # the same memory layout as ours (train.channels_last: unset = on)
+        args.channels_last = cfg.train.channels_last is not False
+    layout = torch.channels_last if args.channels_last else torch.contiguous_format
     seed = t.seed if args.seed is None else args.seed
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -163,7 +171,7 @@ def main() -> int:
     std = torch.tensor(info.std).view(1, -1, 1, 1)
 
     def norm(xb: torch.Tensor) -> torch.Tensor:
-        return (xb.float() / scale - mean) / std
+        return ((xb.float() / scale - mean) / std).contiguous(memory_format=layout)
 
     augment = cfg.data.augment
     pad = crop_padding(*x_tr.shape[-2:])
@@ -172,12 +180,14 @@ def main() -> int:
           f"{len(y_tr)} train / {len(y_te)} test images, {t.epochs} epochs, bs {t.batch_size}, lr {t.lr}, "
           f"wd {t.weight_decay}, augment {augment} (pad {pad}), seed {seed}, "
           f"{'joint batches' if args.joint else 'independent members'}, {args.init} init, "
+          f"{'channels_last' if args.channels_last else 'row-major'}, "
           f"{torch.get_num_threads()} threads")
 
     torch.manual_seed(seed)
     models = [create_model(n, info.in_channels, info.num_classes) for n in names]
     for m in models:
         INITS[args.init](m)
+        m.to(memory_format=layout)
     steps = t.epochs * math.ceil(len(y_tr) / t.batch_size)
     opts, scheds = [], []
     for m in models:
@@ -280,7 +290,7 @@ Target (issue 16): ours / plain <= 1.05.
 | loop | ensemble test accuracy | median s/epoch | median s/epoch, training steps only |
 |---|---|---|---|
 | `superweights train --workers 0`, `bank.method="full"` | {ours['accuracy']:.4f} | {ours['epoch_s']:.2f} | {ours['train_s']:.2f} |
-| plain PyTorch loop, same batches (`--joint`) | {plain_acc:.4f} | {plain_s:.2f} | {plain_train_s:.2f} |
+| plain PyTorch loop, same batches (`--joint`), {'channels_last' if args.channels_last else 'row-major'} as ours | {plain_acc:.4f} | {plain_s:.2f} | {plain_train_s:.2f} |
 | **ratio ours / plain** | | **{ratio:.3f}** | **{train_ratio:.3f}** |
 """
     print(body)

@@ -118,10 +118,12 @@ def autocast_loss(model, x: Tensor, y: Tensor, members: list[int] | None, precis
 COMPILE_BACKEND = "inductor"
 
 
-def resolve_channels_last(config: Config, device: str | torch.device) -> bool:
-    """`train.channels_last`, or where unset whether the device is a GPU (NHWC pays off there, not on a CPU)."""
+def resolve_channels_last(config: Config) -> bool:
+    """`train.channels_last`; unset = on, on every device (`TrainConfig.channels_last`: until 2026-12-08 it was on
+    CUDA only, on the belief that NHWC pays off only there; measured on this CPU it does too, and a model made
+    fresh on a CPU and on a GPU from one config is now the same model)."""
     t = config.train.channels_last
-    return torch.device(device).type == "cuda" if t is None else t
+    return True if t is None else t
 
 
 class Accelerator:
@@ -141,7 +143,7 @@ class Accelerator:
         t = config.train
         self.device = torch.device(device)
         self.precision = t.precision
-        self.channels_last = resolve_channels_last(config, self.device)
+        self.channels_last = resolve_channels_last(config)
         self.compile = t.compile
         self.failed = False  # compiling failed once: eager from then on
         self._compiled: dict[int, Callable] = {}

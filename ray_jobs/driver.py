@@ -202,9 +202,10 @@ def train(config: Config, options: RayOptions | None = None, *, name: str | None
         where = "in this process" if workers == 0 else f"{workers} Ray worker{'s' if workers != 1 else ''}"
         log(f"parallelism: {where} = {layout.member_groups} member group(s) x {layout.data_replicas} data "
             f"replica(s) ({groups})")
-        channels_last = resolve_channels_last(config, eval_device)  # (where the workers train)
-        if channels_last and not record:  # (a resumed bank keeps the order it was saved with)
-            log("memory format: channels_last (conv members, batches and the bank's generated conv weights)")
+        channels_last = resolve_channels_last(config)
+        if not record:  # (a resumed bank keeps the order it was saved with)
+            log("memory format: channels_last (conv members, batches and the bank's generated conv weights)"
+                if channels_last else "memory format: row-major (train.channels_last = false)")
         if uri:
             ratio = summary.get("budget_ratio", 1.0)
             tags = {"method": config.bank.method, "budget_ratio": f"{ratio:.6g}", "members": ",".join(labels),

@@ -23,7 +23,8 @@ from anytime.store import load_anytime
 from core.errors import SuperweightsError
 from ensemble import metrics
 from ensemble.config import SCHEDULES, load_config
-from ensemble.data import load_data
+from ensemble.data import DatasetInfo, load_data
+from ensemble.methods import build_ensemble
 
 SHAPE = (1, 8, 8)
 
@@ -164,6 +165,11 @@ def test_auto_runs_each_bucket_in_the_layout_measured_faster(exits_ckpt, slow):
     a, b = (conv_weights(p.layout_models[n]) for n in p.layout_models)
     assert all(w.is_contiguous() for w in a) and all(w.is_contiguous(memory_format=torch.channels_last) for w in b)
     assert all(x.data_ptr() != y.data_ptr() and torch.equal(x, y) for x, y in zip(a, b))
+    copy = p.layout_models["channels_last"]  # every tensor but the conv weights is held once, shared
+    for mine, theirs in ((p.model.named_parameters(), copy.named_parameters()),
+                         (p.model.named_buffers(), copy.named_buffers())):
+        mine, theirs = dict(mine), dict(theirs)
+        assert mine.keys() == theirs.keys() and all(theirs[n] is t for n, t in mine.items() if t.ndim != 4)
     assert p.format_for(1) == "contiguous" and "no batch size measured yet" in p.layout_summary()
     p.layouts[slow] = [Slowed(m, 10.0) for m in p.layouts[slow]]  # 10 ms a step: far above a real one
     fast = "channels_last" if slow == "contiguous" else "contiguous"
@@ -186,6 +192,16 @@ def test_auto_layout_summary_names_each_range_and_every_layout_predicts_the_same
     for n in (1, 3, 6):  # channels_last, contiguous, channels_last: the same numbers up to float rounding
         x = images(n, seed=n)
         torch.testing.assert_close(p.predict(x).probs, ref.predict(x).probs, atol=1e-6, rtol=0)
+
+
+def test_a_model_without_convs_holds_one_layout_under_auto():
+    info = DatasetInfo("digits", 1, (8, 8), 10, (0.3,), (0.37,))
+    config = load_config(None, ['ensemble.members=["mlp-64-2","mlp-32-1"]', 'anytime.schedule="member"'])
+    model = build_ensemble(config, info).eval()
+    p = ServingPredictor(model, anytime_record(model, config, info))
+    assert list(p.layout_models) == ["contiguous"] and not any(t.ndim == 4 for t in p.model.parameters())
+    p.calibrate(images(3))
+    assert p.formats == {4: "contiguous"} and p.layout_summary() == "contiguous for 1-4 images"
 
 
 def test_an_unknown_memory_format_is_a_one_line_error(exits_ckpt):

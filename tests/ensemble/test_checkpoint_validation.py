@@ -38,8 +38,9 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def stored(tmp_path_factory):
-    """The default members: at the default budget most of their bank is stored as its matmuls' operands."""
-    return _train(tmp_path_factory, "stored", "data.train_per_class=5", "train.epochs=1")
+    """The default members: at the default budget most of their bank is stored as its matmuls' operands. Row-major,
+    as every bank written before the storage order was (legacy files below have no bank.channels_last)."""
+    return _train(tmp_path_factory, "stored", "data.train_per_class=5", "train.epochs=1", "train.channels_last=false")
 
 
 @pytest.fixture(scope="module")

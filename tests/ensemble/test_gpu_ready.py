@@ -75,13 +75,14 @@ def test_channels_last_gives_the_contiguous_loss():
 
 @pytest.mark.parametrize("method", ["superweights", "ssn"])
 def test_channels_last_banks_generate_channels_last_weights(batch, method):
-    """`train.channels_last = true` makes the bank one for channels_last convolutions (cells, or SSN vectors,
+    """`train.channels_last` (true, or unset: the default) makes the bank one for channels_last convolutions (cells, or SSN vectors,
     read as [O, kh, kw, I]): its 3x3 conv weights come out as channels_last views of the flat buffer, so no
     convolution converts them. The memory format still changes nothing computed: the same bank run with
     row-major convolutions gives the same loss and gradients."""
     result = _fit(f"bank.method={method}", "train.channels_last=true")
     bank = result.model.bank
-    assert int(bank.channels_last) == 1 and int(_fit(f"bank.method={method}").model.bank.channels_last) == 0
+    assert int(bank.channels_last) == 1 and int(_fit(f"bank.method={method}").model.bank.channels_last) == 1
+    assert int(_fit(f"bank.method={method}", "train.channels_last=false").model.bank.channels_last) == 0
     convs = [w for w, s in zip(bank(), result.model.plan.slots) if len(s.shape) == 4 and s.shape[1] > 1 and s.shape[2] > 1]
     assert convs and all(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous() for w in convs)
     info, (x, y) = batch
@@ -98,10 +99,11 @@ def test_channels_last_banks_generate_channels_last_weights(batch, method):
     torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=1e-5 * grads[0].abs().max().item())
 
 
-def test_channels_last_defaults_to_cuda_only():
-    assert Accelerator(cfg(*TINY), torch.device("cpu")).channels_last is False
+def test_channels_last_is_on_by_default_on_every_device():
+    assert Accelerator(cfg(*TINY), torch.device("cpu")).channels_last is True
     assert Accelerator(cfg(*TINY), torch.device("cuda")).channels_last is True  # no CUDA query for fp32
-    assert Accelerator(cfg(*TINY, "train.channels_last=true"), torch.device("cpu")).channels_last is True
+    assert Accelerator(cfg(*TINY, "train.channels_last=false"), torch.device("cpu")).channels_last is False
+    assert Accelerator(cfg(*TINY, "train.channels_last=false"), torch.device("cuda")).channels_last is False
 
 
 def test_compile_trains_with_the_same_loss(monkeypatch, capfd):

@@ -28,12 +28,23 @@ def test_bf16_channels_last_compile_train_through_the_cli(tmp_path, capfd, monke
     assert (tmp_path / "out" / "weights.safetensors").is_file()
 
 
+def test_row_major_when_asked_is_said_and_saved(tmp_path, capsys):
+    code = cli.main(["train", "--workers", "0", "--no-tracking", "--storage-path", str(tmp_path / "runs"),
+                     "--out", str(tmp_path / "out"), *set_args(*TINY, "train.channels_last=false")])
+    assert code == 0 and "memory format: row-major (train.channels_last = false)" in capsys.readouterr().out
+    from safetensors.torch import load_file
+
+    assert int(load_file(str(tmp_path / "out" / "weights.safetensors"))["bank.channels_last"]) == 0
+    assert cli.main(["plan", "--from", str(tmp_path / "out")]) == 0
+    assert "bank weights: row-major" in capsys.readouterr().out
+
+
 @pytest.mark.slow
 def test_channels_last_superweights_through_default_workers_and_evaluate(ray_connected, mlflow_uri, tmp_path, capsys):
-    """`superweights train --set train.channels_last=true` on its default 2 Ray workers (member-parallel): the
-    bank is made for channels_last convolutions (saved as bank.channels_last = 1), the workers' weights are the
-    in-process loop's, and `superweights evaluate` (a row-major CPU process by default) reads the checkpoint back
-    to the metrics training reported."""
+    """`superweights train` as a user calls it (train.channels_last unset: on, on a CPU too) on its default 2 Ray
+    workers (member-parallel): the bank is made for channels_last convolutions (saved as bank.channels_last = 1),
+    the workers' weights are the in-process loop's, and `superweights evaluate` reads the checkpoint back to the
+    metrics training reported."""
     import json
 
     from safetensors.torch import load_file
@@ -43,7 +54,7 @@ def test_channels_last_superweights_through_default_workers_and_evaluate(ray_con
 
     from .test_train_ray import assert_same_weights
 
-    overrides = [*TINY, "train.channels_last=true"]
+    overrides = list(TINY)
     out = tmp_path / "out"
     code = cli.main(["train", "--quiet", "--name", "cl", "--storage-path", str(tmp_path / "runs"), "--out", str(out),
                      "--tracking-uri", mlflow_uri, *set_args(*overrides)])

@@ -72,9 +72,14 @@ def test_member_parallel_two_workers_equal_single_process(ray_connected, mlflow_
 def test_data_parallel_two_workers_equal_single_process_with_an_empty_slice(ray_connected, mlflow_uri, tmp_path):
     """2 data replicas of one member group on the same global batches: batch 62 over 125 images leaves a
     last batch of 1, so replica 1 trains on an EMPTY slice there. Early exits on (their heads use
-    BatchNorm1d, synchronised too). Equal to the single-process batches."""
+    BatchNorm1d, synchronised too). Equal to the single-process batches.
+
+    Row-major: the synchronised statistics are float64 sums, and PyTorch's float32 batch norm on channels_last
+    inputs (the default layout) is ~8x less exact than on row-major ones (max error 2.6e-6 against 3.3e-7 on a
+    62x32x8x8 batch, measured), so under channels_last the single-process reference itself drifts from the
+    exact statistics by 4e-4 relative in this epoch's 3 steps: too coarse to tell a lost step from rounding."""
     config = load_config(None, ["data.test_fraction=0.9", "data.val_fraction=0.3", "train.batch_size=62",
-                                TWO_MEMBERS, "train.epochs=1", 'ensemble.exits="all"'])
+                                TWO_MEMBERS, "train.epochs=1", 'ensemble.exits="all"', "train.channels_last=false"])
     t = config.train
     assert load_data(config.data, t.seed, t.batch_size, t.eval_batch_size).train.num_examples == 2 * 62 + 1
     out = train(config, RayOptions(workers=2, member_groups=1, storage_path=str(tmp_path / "runs")),
