@@ -3,7 +3,7 @@
 #   1. tests/cuda: generation and gradients on CUDA vs the CPU (4 families x 3 budgets, SSN included), member-
 #      parallel subset programs, the training loop on the GPU in fp32 (vs the CPU), bf16 + channels_last (the
 #      checkpoint evaluated back on a CPU), torch.compile (inductor), materialised inference;
-#   2. bench/bench_core.py on CUDA: fp32, bf16 (channels_last: the CUDA default), bf16 + torch.compile.
+#   2. bench/bench_core.py on CUDA: fp32, bf16 (channels_last: the default), bf16 + torch.compile.
 # Needs only what the GPU image has (torch, numpy, safetensors, scikit-learn, tqdm, pytest): core/ and ensemble/
 # import neither Ray nor MLflow (import-linter holds that), so `superweights train` itself is not run there.
 # Logs go to $OUT (the device tool's folder that comes back), else ./device-check. Each step has its own time

@@ -89,7 +89,7 @@ def test_training_on_cuda_in_fp32_matches_the_cpu(method):
 
 @pytest.mark.parametrize("method", ["superweights", "full"])
 def test_bf16_channels_last_training_on_cuda_keeps_generation_in_fp32(method, tmp_path):
-    """bf16 autocast with channels_last (the CUDA default): finite losses, the bank and its generation in fp32,
+    """bf16 autocast with channels_last (the default): finite losses, the bank and its generation in fp32,
     conv weights in channels_last (a SuperWeight bank made for it generates them so), and the checkpoint loads
     back on a CPU (what `superweights evaluate` / `serve` do by default) with the same test metrics."""
     result = fit(cfg(*TINY, "train.precision=bf16", f"bank.method={method}"), tmp_path / "run", device="cuda",
