@@ -42,6 +42,11 @@ def meta_members(config: Config, info: DatasetInfo) -> list[nn.Module]:
                 for m, n in zip(members, config.ensemble.members)]
 
 
+def has_convs(config: Config, info: DatasetInfo) -> bool:
+    """Whether any member (exit heads included) has a convolution: what a memory format can change."""
+    return any(isinstance(m, nn.Conv2d) for member in meta_members(config, info) for m in member.modules())
+
+
 def member_slots(config: Config, info: DatasetInfo, members: list[nn.Module] | None = None) -> list[SlotSpec]:
     members = members if members is not None else meta_members(config, info)
     x = example_input(info)

@@ -19,9 +19,10 @@ from torch import Tensor, nn
 from core.errors import SuperweightsError
 
 from .config import Config
-from .data import Loader
+from .data import DatasetInfo, Loader
 from .metrics import ensemble_report
 from .model import StackedEnsemble
+from .planning import has_convs
 
 _DEVICE = re.compile(r"cuda:[0-9]+")
 
@@ -118,12 +119,14 @@ def autocast_loss(model, x: Tensor, y: Tensor, members: list[int] | None, precis
 COMPILE_BACKEND = "inductor"
 
 
-def resolve_channels_last(config: Config) -> bool:
+def resolve_channels_last(config: Config, info: DatasetInfo | None = None) -> bool:
     """`train.channels_last`; unset = on, on every device (`TrainConfig.channels_last`: until 2026-12-08 it was on
     CUDA only, on the belief that NHWC pays off only there; measured on this CPU it does too, and a model made
-    fresh on a CPU and on a GPU from one config is now the same model)."""
+    fresh on a CPU and on a GPU from one config is now the same model). With `info`: False for members without
+    convolutions (an MLP ensemble), which no memory format changes, so nothing says or saves channels_last."""
     t = config.train.channels_last
-    return True if t is None else t
+    on = True if t is None else t
+    return on and (info is None or has_convs(config, info))
 
 
 class Accelerator:
@@ -139,11 +142,12 @@ class Accelerator:
       batch norm statistics of that first batch once more).
     """
 
-    def __init__(self, config: Config, device: torch.device):
+    def __init__(self, config: Config, device: torch.device, info: DatasetInfo | None = None):
+        """`info`: the dataset the members are built for (then members without convs train row-major)."""
         t = config.train
         self.device = torch.device(device)
         self.precision = t.precision
-        self.channels_last = resolve_channels_last(config)
+        self.channels_last = resolve_channels_last(config, info)
         self.compile = t.compile
         self.failed = False  # compiling failed once: eager from then on
         self._compiled: dict[int, Callable] = {}

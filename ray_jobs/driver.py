@@ -202,10 +202,11 @@ def train(config: Config, options: RayOptions | None = None, *, name: str | None
         where = "in this process" if workers == 0 else f"{workers} Ray worker{'s' if workers != 1 else ''}"
         log(f"parallelism: {where} = {layout.member_groups} member group(s) x {layout.data_replicas} data "
             f"replica(s) ({groups})")
-        channels_last = resolve_channels_last(config)
+        channels_last = resolve_channels_last(config, data.info)
         if not record:  # (a resumed bank keeps the order it was saved with)
             log("memory format: channels_last (conv members, batches and the bank's generated conv weights)"
-                if channels_last else "memory format: row-major (train.channels_last = false)")
+                if channels_last else "memory format: row-major (train.channels_last = false)"
+                if config.train.channels_last is False else "memory format: row-major (no convolutions)")
         if uri:
             ratio = summary.get("budget_ratio", 1.0)
             tags = {"method": config.bank.method, "budget_ratio": f"{ratio:.6g}", "members": ",".join(labels),

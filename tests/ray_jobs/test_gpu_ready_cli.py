@@ -28,10 +28,14 @@ def test_bf16_channels_last_compile_train_through_the_cli(tmp_path, capfd, monke
     assert (tmp_path / "out" / "weights.safetensors").is_file()
 
 
-def test_row_major_when_asked_is_said_and_saved(tmp_path, capsys):
+@pytest.mark.parametrize("overrides, said", [
+    (["train.channels_last=false"], "memory format: row-major (train.channels_last = false)"),
+    (['ensemble.members=["mlp-32-1","mlp-16-2"]'], "memory format: row-major (no convolutions)"),  # default: on
+])
+def test_row_major_when_asked_or_without_convs_is_said_and_saved(tmp_path, capsys, overrides, said):
     code = cli.main(["train", "--workers", "0", "--no-tracking", "--storage-path", str(tmp_path / "runs"),
-                     "--out", str(tmp_path / "out"), *set_args(*TINY, "train.channels_last=false")])
-    assert code == 0 and "memory format: row-major (train.channels_last = false)" in capsys.readouterr().out
+                     "--out", str(tmp_path / "out"), *set_args(*TINY, *overrides)])
+    assert code == 0 and said in capsys.readouterr().out
     from safetensors.torch import load_file
 
     assert int(load_file(str(tmp_path / "out" / "weights.safetensors"))["bank.channels_last"]) == 0
