@@ -80,12 +80,15 @@ class ServingPredictor(AnytimePredictor):
         return ((b, *x.shape[1:]), x.dtype, str(self.device))
 
     def format_for(self, batch: int) -> str:
-        """The layout that runs a batch of `batch` images: its bucket's, else the largest measured bucket's."""
+        """The layout that runs a batch of `batch` images: its bucket's, else the nearest measured bucket's below
+        it (a request larger than the largest one measured), else above it; the first layout before any."""
         b = self.bucket(batch)
         if b in self.formats:
             return self.formats[b]
+        if not self.formats:
+            return next(iter(self.layouts))
         below = [k for k in self.formats if k <= b]
-        return self.formats[max(below or self.formats)] if self.formats else next(iter(self.layouts))
+        return self.formats[max(below) if below else min(self.formats)]
 
     def layout_summary(self) -> str:
         """Which layout runs which batch sizes, e.g. `channels_last for 1 image, contiguous for 2-64 images`."""

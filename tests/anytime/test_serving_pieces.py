@@ -186,6 +186,9 @@ def test_auto_layout_summary_names_each_range_and_every_layout_predicts_the_same
     p = ServingPredictor(ckpt.model, ckpt.record)
     p.formats = {1: "channels_last", 2: "contiguous", 4: "contiguous", 8: "channels_last"}
     assert p.layout_summary() == "channels_last for 1 image, contiguous for 2-4 images, channels_last for 5-8 images"
+    p.formats = {2: "contiguous", 8: "channels_last"}  # unmeasured: the nearest below, else above
+    assert [p.format_for(n) for n in (1, 3, 4, 100)] == ["contiguous", "contiguous", "contiguous", "channels_last"]
+    p.formats = {1: "channels_last", 2: "contiguous", 4: "contiguous", 8: "channels_last"}
     assert [p.format_for(n) for n in (1, 2, 3, 5, 8, 9, 200)] == [
         "channels_last", "contiguous", "contiguous", "channels_last", "channels_last", "channels_last", "channels_last"]
     ref = AnytimePredictor(ckpt.model, ckpt.record)
