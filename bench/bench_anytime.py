@@ -17,17 +17,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from anytime.predictor import AnytimePredictor  # noqa: E402
 from anytime.record import anytime_record  # noqa: E402
-from bench.common import interleaved, write_section  # noqa: E402
+from bench.common import CIFAR, DIGITS, interleaved, write_section  # noqa: E402
 from ensemble.config import load_config  # noqa: E402
-from ensemble.data import DatasetInfo  # noqa: E402
 from ensemble.methods import build_ensemble  # noqa: E402
 
 CASES = {
     "digits 8x8, wrn-16-4 + wrn-16-2 + wrn-10-4 + wrn-10-2, exits all, batch 256": (
-        DatasetInfo("digits", 1, (8, 8), 10, (0.3,), (0.37,)),
+        DIGITS,
         '["wrn-16-4","wrn-16-2","wrn-10-4","wrn-10-2"]', 256),
     "cifar 32x32, wrn-16-2 + wrn-10-1, exits all, batch 64": (
-        DatasetInfo("cifar10", 3, (32, 32), 10, (0.5,) * 3, (0.25,) * 3), '["wrn-16-2","wrn-10-1"]', 64),
+        CIFAR, '["wrn-16-2","wrn-10-1"]', 64),
 }
 
 

@@ -28,18 +28,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import cpu_name, interleaved, write_section  # noqa: E402
+from bench.common import CIFAR, DIGITS, cpu_name, interleaved, write_section  # noqa: E402
 from core.reference import ReferenceGenerator  # noqa: E402
 from ensemble.config import load_config  # noqa: E402
-from ensemble.data import DatasetInfo  # noqa: E402
 from ensemble.methods import build_ensemble  # noqa: E402
 from ensemble.training import Accelerator, make_optimizer  # noqa: E402
 
 CASES = {
     "digits 8x8, default members (wrn-16-4, wrn-16-2, wrn-10-4, wrn-10-2), batch 64": (
-        DatasetInfo("digits", 1, (8, 8), 10, (0.3,), (0.37,)), [], 64),
+        DIGITS, [], 64),
     "cifar 32x32, wrn-16-2 + wrn-10-1, batch 32": (
-        DatasetInfo("cifar10", 3, (32, 32), 10, (0.5,) * 3, (0.25,) * 3),
+        CIFAR,
         ['ensemble.members=["wrn-16-2","wrn-10-1"]'], 32),
 }
 

@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from anytime.budget import KINDS, UNLIMITED  # noqa: E402
 from anytime.predictor import AnytimePredictor  # noqa: E402
-from anytime.serving_predictor import LAYOUTS  # noqa: E402
+from anytime.serving_predictor import LAYOUTS, ServingPredictor  # noqa: E402
 from anytime.store import load_anytime  # noqa: E402
 from bench.common import ROOT, write_section  # noqa: E402
 
@@ -126,8 +126,7 @@ def server_layout(url: str, images: int) -> str:
     import httpx
 
     by_batch = httpx.get(url + "/model", timeout=10).json()["memory_format"]["by_batch_size"]
-    sizes = [int(b) for b in by_batch]
-    return by_batch[str(min([b for b in sizes if b >= images] or [max(sizes)]))]
+    return by_batch.get(str(ServingPredictor.bucket(images))) or by_batch[max(by_batch, key=int)]
 
 
 def wait_healthy(url: str, timeout: float = 180) -> None:

@@ -18,13 +18,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from anytime.record import anytime_record  # noqa: E402
 from anytime.serving_predictor import LAYOUTS, ServingPredictor  # noqa: E402
-from bench.common import cpu_name, interleaved, write_section  # noqa: E402
+from bench.common import CIFAR, DIGITS, cpu_name, interleaved, write_section  # noqa: E402
 from ensemble.config import load_config  # noqa: E402
-from ensemble.data import DatasetInfo  # noqa: E402
 from ensemble.methods import build_ensemble  # noqa: E402
 
-DIGITS = DatasetInfo("digits", 1, (8, 8), 10, (0.3,), (0.37,))
-CIFAR = DatasetInfo("cifar10", 3, (32, 32), 10, (0.5,) * 3, (0.25,) * 3)
 CASES = {
     "digits 8x8, wrn-16-4 + wrn-16-2 + wrn-10-4 + wrn-10-2 (make run)": (DIGITS, '["wrn-16-4","wrn-16-2","wrn-10-4","wrn-10-2"]'),
     "cifar 32x32, wrn-16-2 + wrn-16-1 + wrn-10-2 + wrn-10-1": (CIFAR, '["wrn-16-2","wrn-16-1","wrn-10-2","wrn-10-1"]'),

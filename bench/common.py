@@ -1,4 +1,5 @@
-"""Shared helpers for benchmarks: interleaved timing and the BENCHMARKS.md section writer."""
+"""Shared helpers for benchmarks: interleaved timing, the BENCHMARKS.md section writer, and the dataset shapes the
+timing benchmarks build members for (no data is read: timings do not depend on the images)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,12 @@ import statistics
 import time
 from pathlib import Path
 
+from ensemble.data import DatasetInfo
+
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "BENCHMARKS.md"
+DIGITS = DatasetInfo("digits", 1, (8, 8), 10, (0.3,), (0.37,))
+CIFAR = DatasetInfo("cifar10", 3, (32, 32), 10, (0.5,) * 3, (0.25,) * 3)
 
 
 def interleaved(fns: dict, repeats: int, warmup: int = 2, rotate: bool = False) -> dict[str, float]:

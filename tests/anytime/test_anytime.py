@@ -13,16 +13,13 @@ from anytime.store import load_anytime
 from core.errors import SuperweightsError
 from core.flops import count_flops
 from ensemble.checkpoint import save_checkpoint
-from ensemble.data import DatasetInfo
 from ensemble.exits import ExitMember
 from ensemble.methods import build_ensemble, make_plan
 from ensemble.planning import example_input, meta_members
 from ensemble.training import exit_loss
 from ray_jobs.cli import main
 
-from .conftest import cfg
-
-DIGITS = DatasetInfo("digits", 1, (8, 8), 10, (0.3,), (0.37,))
+from .conftest import DIGITS, cfg
 
 
 @pytest.fixture(scope="module")

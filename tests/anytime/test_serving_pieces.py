@@ -23,8 +23,10 @@ from anytime.store import load_anytime
 from core.errors import SuperweightsError
 from ensemble import metrics
 from ensemble.config import SCHEDULES, load_config
-from ensemble.data import DatasetInfo, load_data
+from ensemble.data import load_data
 from ensemble.methods import build_ensemble
+
+from .conftest import DIGITS
 
 SHAPE = (1, 8, 8)
 
@@ -198,7 +200,7 @@ def test_auto_layout_summary_names_each_range_and_every_layout_predicts_the_same
 
 
 def test_a_model_without_convs_holds_one_layout_under_auto():
-    info = DatasetInfo("digits", 1, (8, 8), 10, (0.3,), (0.37,))
+    info = DIGITS
     config = load_config(None, ['ensemble.members=["mlp-64-2","mlp-32-1"]', 'anytime.schedule="member"'])
     model = build_ensemble(config, info).eval()
     p = ServingPredictor(model, anytime_record(model, config, info))

@@ -8,12 +8,12 @@ import torch
 
 import ensemble.training as training
 from core.errors import SuperweightsError
-from ensemble.data import DatasetInfo, load_data
+from ensemble.data import load_data
 from ensemble.loop import fit
 from ensemble.methods import build_ensemble
 from ensemble.training import Accelerator, autocast_loss, model_loss
 
-from .conftest import cfg
+from .conftest import DIGITS, cfg
 
 TINY = ('ensemble.members=["wrn-10-1","wrn-10-2"]', "train.epochs=1", "data.train_per_class=10")
 ROOT = Path(__file__).resolve().parents[2]
@@ -104,7 +104,7 @@ def test_channels_last_is_on_by_default_on_every_device():
     assert Accelerator(cfg(*TINY), torch.device("cuda")).channels_last is True  # no CUDA query for fp32
     assert Accelerator(cfg(*TINY, "train.channels_last=false"), torch.device("cpu")).channels_last is False
     assert Accelerator(cfg(*TINY, "train.channels_last=false"), torch.device("cuda")).channels_last is False
-    info = DatasetInfo("digits", 1, (8, 8), 10, (0.3,), (0.37,))  # with the dataset: only members with convs
+    info = DIGITS  # with the dataset: only members with convs
     assert Accelerator(cfg(*TINY), torch.device("cpu"), info).channels_last is True
     mlp = cfg(*TINY, 'ensemble.members=["mlp-32-1","mlp-16-2"]', "train.channels_last=true")
     assert Accelerator(mlp, torch.device("cpu"), info).channels_last is False
