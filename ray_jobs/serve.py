@@ -69,7 +69,7 @@ def run_uvicorn(args, settings, log=print, serve_config=None) -> int:
     log(f"serving {args.model} ({', '.join(service.names)}) on http://{host}:{port}  "
         f"(OpenAPI docs: http://{host}:{port}/docs)")
     p = service.predictor
-    how = "measured at start-up" if p.memory_format == "auto" else "--memory-format"
+    how = "measured at start-up" if p.memory_format == "auto" else "fixed by --memory-format / serve.memory_format"
     log(f"conv weights: {p.layout_summary()} ({how})")
     server = uvicorn.Server(uvicorn.Config(create_app(service), log_level="info", lifespan="on",
                                            access_log=sc.access_log))
